@@ -1,0 +1,221 @@
+"""The `slm` command: prepare, train, eval, generate, run, tokenizer.
+
+Every user-fixable problem surfaces as `error: <one line>` with exit code 2; tracebacks
+are kept for real bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from simplified_slm.errors import SLMError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="experiment config (.json or .yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
+    p.add_argument("--output_dir", "--output-dir", help="run folder (overrides the config's output_dir)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N (overrides train.device)")
+
+
+def _experiment(args: argparse.Namespace):
+    from simplified_slm.training.config import load_experiment_config
+
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    if args.device:
+        overrides.append(f"train.device={args.device}")
+    return load_experiment_config(args.config, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from simplified_slm.training.trainer import Trainer
+
+    cfg = _experiment(args)
+    result = Trainer(cfg, resume=args.resume, until=args.until).run()
+    if result.val_metrics:
+        print(json.dumps({"step": result.step, **{f"val_{k}": v for k, v in result.val_metrics.items()}}))
+    return EXIT_INTERRUPTED if result.interrupted else 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from simplified_slm.data import prepare_dataset
+    from simplified_slm.tokenizers import build_tokenizer
+    from simplified_slm.training.trainer import training_texts
+
+    cfg = _experiment(args)
+    out = Path(args.out or Path(cfg.output_dir) / "data")
+    tokenizer = build_tokenizer(cfg.tokenizer, training_texts(cfg))
+    tokenizer.save(out / "tokenizer")
+    data = prepare_dataset(cfg.data, tokenizer, out)
+    print(json.dumps({"out": str(out), "train_tokens": int(len(data.train)), "val_tokens": int(len(data.val))}))
+    return 0
+
+
+def _load_model(path: str | None, device: str):
+    """Model + tokenizer from a checkpoint/model folder (or the newest run's best checkpoint)."""
+    import torch
+
+    from simplified_slm.models.base import CausalLM
+    from simplified_slm.tokenizers import load_tokenizer
+    from simplified_slm.training.trainer import resolve_device
+
+    if path is None:
+        candidates = sorted(Path("runs").glob("*/checkpoints/best"), key=lambda p: p.stat().st_mtime)
+        if not candidates:
+            raise SLMError("no trained model found under runs/; train one (make demo) or pass --model_path")
+        path = str(candidates[-1])
+        print(f"using {path}", file=sys.stderr)
+    model = CausalLM.from_pretrained(path).to(resolve_device(device))
+    model.eval()
+    tokenizer = load_tokenizer(path)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise SLMError(f"tokenizer in {path} has {tokenizer.vocab_size} ids but the model only "
+                       f"{model.config.vocab_size}; they do not belong together")
+    torch.set_grad_enabled(False)
+    return model, tokenizer
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from simplified_slm.data import DataConfig, load_prepared, prepare_dataset
+    from simplified_slm.evaluation.evaluator import evaluate_model
+
+    model, tokenizer = _load_model(args.checkpoint, args.device)
+    block = min(args.block_size or model.max_context or 256, model.max_context or 10**9)
+    if args.dataset:
+        with tempfile.TemporaryDirectory() as tmp:
+            tokens = prepare_dataset(DataConfig(dataset=args.dataset), tokenizer, tmp).val.copy()
+    else:
+        run_data = Path(args.checkpoint).resolve().parent.parent / "data"
+        if not (run_data / "meta.json").is_file():
+            raise SLMError(f"no prepared data next to {args.checkpoint}; pass --dataset NAME_OR_PATH")
+        tokens = load_prepared(run_data).val
+    report = evaluate_model(model, tokenizer, tokens, block_size=block, batch_size=args.batch_size,
+                            max_batches=args.max_batches, num_samples=args.samples,
+                            sample_tokens=args.sample_tokens, seed=args.seed)
+    report["checkpoint"] = str(args.checkpoint)
+    report["dataset"] = args.dataset or "run validation split"
+    text = json.dumps(report, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    m = report["metrics"]
+    print(f"val loss {m['loss']:.4f} nats/token | ppl {m['ppl']:.2f} | bpb {m['bpb']:.4f} | "
+          f"accuracy {m['accuracy']:.3f} | utf8 validity {m.get('utf8_validity', 1.0):.3f}")
+    for sample in report["samples"]:
+        print("---\n" + sample["text"])
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from simplified_slm.cli.generate_cmd import run_generate
+
+    model, tokenizer = _load_model(args.model_path, args.device)
+    return run_generate(model, tokenizer, args)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from simplified_slm.cli.pipeline import run_pipeline
+
+    return run_pipeline(_experiment(args), resume=args.resume)
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from simplified_slm.data import read_documents
+    from simplified_slm.tokenizers import TokenizerConfig, build_tokenizer
+
+    cfg = TokenizerConfig(kind=args.kind, vocab_size=args.vocab_size)
+    tokenizer = build_tokenizer(cfg, lambda: (d.text for d in read_documents(args.data)))
+    tokenizer.save(args.out)
+    print(json.dumps({"out": args.out, **tokenizer.spec()}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slm", description="Train, evaluate and run small language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from an experiment config")
+    _add_config_args(p)
+    p.add_argument("--resume", help="'auto' (newest intact checkpoint of the run) or a checkpoint folder")
+    p.add_argument("--until", type=int, help="pause at this step with a checkpoint (the schedule still spans "
+                   "train.max_steps); continue later with --resume auto")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("run", help="end-to-end: prepare, train, evaluate, write the report")
+    _add_config_args(p)
+    p.add_argument("--resume", help="'auto' or a checkpoint folder")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("prepare", help="tokenize a dataset into token shards")
+    _add_config_args(p)
+    p.add_argument("--out", help="output folder (default <output_dir>/data)")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint: loss, perplexity, bits per byte, samples")
+    p.add_argument("--checkpoint", required=True, help="checkpoint or model folder")
+    p.add_argument("--dataset", help="built-in name or file/folder (default: the run's validation split)")
+    p.add_argument("--block_size", type=int)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--max_batches", type=int)
+    p.add_argument("--samples", type=int, default=2)
+    p.add_argument("--sample_tokens", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the report here")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="generate text from a trained model")
+    add_generate_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
+    t = tsub.add_parser("train", help="train a tokenizer on a corpus and save it")
+    t.add_argument("--kind", default="bpe", choices=["bpe", "char", "byte"])
+    t.add_argument("--vocab-size", "--vocab_size", dest="vocab_size", type=int)
+    t.add_argument("--data", default="tinystories", help="built-in dataset name or file/folder")
+    t.add_argument("--out", required=True)
+    t.set_defaults(func=cmd_tokenizer)
+    return parser
+
+
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model_path", "--model-path", help="checkpoint or model folder (default: newest run's best)")
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--max_tokens", "--max-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top_k", "--top-k", type=int)
+    p.add_argument("--top_p", "--top-p", type=float)
+    p.add_argument("--repetition_penalty", type=float, default=1.0)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--interactive", action="store_true")
+    p.add_argument("--prompt_file", "--prompt-file")
+    p.add_argument("--output_file", "--output-file")
+    p.add_argument("--device", default="auto")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SLMError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Data: read corpora, tokenize them once into memory-mapped splits, sample batches."""
+
+from simplified_slm.data.corpus import (
+    BUILTIN_DATASETS,
+    DEFAULT_EXTENSIONS,
+    BuiltinDataset,
+    Document,
+    SkippedFileWarning,
+    builtin_dataset,
+    read_documents,
+)
+from simplified_slm.data.prepare import (
+    DataConfig,
+    PreparedData,
+    load_prepared,
+    prepare_dataset,
+    split_documents,
+    token_dtype,
+)
+from simplified_slm.data.sampler import SAMPLER_MODES, BatchSampler, iter_eval_batches
+
+__all__ = [
+    "BUILTIN_DATASETS",
+    "DEFAULT_EXTENSIONS",
+    "SAMPLER_MODES",
+    "BatchSampler",
+    "BuiltinDataset",
+    "DataConfig",
+    "Document",
+    "PreparedData",
+    "SkippedFileWarning",
+    "builtin_dataset",
+    "iter_eval_batches",
+    "load_prepared",
+    "prepare_dataset",
+    "read_documents",
+    "split_documents",
+    "token_dtype",
+]

@@ -1,0 +1,46 @@
+"""A full evaluation report of a trained model: metrics on a split plus sample generations."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from simplified_slm.data import iter_eval_batches
+from simplified_slm.evaluation.metrics import evaluate_lm, utf8_validity
+from simplified_slm.models.base import CausalLM
+from simplified_slm.tokenizers import Tokenizer
+
+
+def decoded_bytes(tokenizer: Tokenizer, ids: list[int]) -> bytes:
+    """The raw bytes a generation stands for (byte models can emit invalid UTF-8)."""
+    if hasattr(tokenizer, "decode_bytes"):
+        return tokenizer.decode_bytes(ids)
+    return tokenizer.decode(ids).encode("utf-8", errors="surrogateescape")
+
+
+def evaluate_model(model: CausalLM, tokenizer: Tokenizer, tokens: np.ndarray, *, block_size: int,
+                   batch_size: int = 8, max_batches: int | None = None, num_samples: int = 3,
+                   sample_tokens: int = 200, prompt: str = "\n", temperature: float = 0.8,
+                   seed: int = 0) -> dict[str, Any]:
+    """Loss, perplexity, BPB, accuracy on `tokens`, and `num_samples` generations with their UTF-8 validity."""
+    device = model.device
+    started = time.perf_counter()
+    metrics = evaluate_lm(model, iter_eval_batches(tokens, block_size, batch_size, max_batches),
+                          tokenizer.token_byte_lengths(), device)
+    elapsed = time.perf_counter() - started
+    metrics["eval_tokens_per_s"] = metrics.get("tokens", 0.0) / max(elapsed, 1e-9)
+    samples = []
+    prompt_ids = tokenizer.encode_ids(prompt) or [0]
+    for i in range(num_samples):
+        out = model.generate(torch.tensor([prompt_ids], device=device), sample_tokens, temperature=temperature,
+                             top_k=50, seed=seed + i, eos_token_id=tokenizer.eos_token_id)
+        new_ids = out[0, len(prompt_ids):].tolist()
+        raw = decoded_bytes(tokenizer, new_ids)
+        samples.append({"prompt": prompt, "text": tokenizer.decode(new_ids), "utf8_validity": utf8_validity(raw)})
+    if samples:
+        metrics["utf8_validity"] = float(np.mean([s["utf8_validity"] for s in samples]))
+    return {"metrics": metrics, "samples": samples, "num_parameters": model.num_parameters(),
+            "family": model.config.family}

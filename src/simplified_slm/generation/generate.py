@@ -1,0 +1,78 @@
+"""The decoding loop shared by every family.
+
+The prompt runs once through the model (filling the cache); after that each step feeds one
+token, so a step costs one attention row for transformers and O(1) for recurrent families.
+Models with a bounded context (learned positions) fall back to re-running the last
+`max_context` tokens once the cache is full, like nanoGPT's cropping.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from simplified_slm.errors import SLMError
+from simplified_slm.generation.sampling import choose_next
+
+
+@torch.no_grad()
+def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int = 100, *, greedy: bool = False,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             repetition_penalty: float = 1.0, eos_token_id: int | None = None,
+             pad_token_id: int | None = None, attention_mask: torch.Tensor | None = None,
+             seed: int | None = None, use_cache: bool = True,
+             on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Return prompt + generated ids, shape (batch, prompt_len + new_len).
+
+    Batched prompts of different lengths go in left-padded with `attention_mask` (1 = real
+    token); each row then gets the same tokens it would get alone. Rows that emit
+    `eos_token_id` are padded with `pad_token_id` (default: eos) until all rows finish.
+    `on_token` receives each new column of ids (for streaming output).
+    """
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    if input_ids.shape[1] == 0:
+        raise SLMError("the prompt is empty; give at least one token (e.g. a newline)")
+    if max_new_tokens < 0:
+        raise SLMError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    model.check_input_ids(input_ids)
+    limit = model.max_context
+    if limit is not None and input_ids.shape[1] > limit:
+        raise SLMError(f"the prompt has {input_ids.shape[1]} tokens but the model's context is {limit}; "
+                       "shorten the prompt")
+    was_training = model.training
+    model.eval()
+    device = model.device
+    ids = input_ids.to(device)
+    batch = ids.shape[0]
+    mask = attention_mask.to(device).long() if attention_mask is not None else None
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    total = ids.shape[1] + max_new_tokens
+    cache = model.make_cache(batch, total if limit is None else min(total, limit)) if use_cache else None
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    fill = pad_token_id if pad_token_id is not None else eos_token_id
+    try:
+        out = model(ids, attention_mask=mask, cache=cache)
+        for step in range(max_new_tokens):
+            nxt = choose_next(out.logits[:, -1], ids, greedy=greedy, temperature=temperature, top_k=top_k,
+                              top_p=top_p, repetition_penalty=repetition_penalty, generator=generator)
+            if eos_token_id is not None:
+                nxt = torch.where(finished, torch.full_like(nxt, fill), nxt)
+                finished |= nxt == eos_token_id
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            if on_token is not None:
+                on_token(nxt)
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                break
+            if cache is not None and (limit is None or ids.shape[1] <= limit):
+                out = model(nxt[:, None], attention_mask=mask, cache=cache)
+            else:
+                window = ids if limit is None else ids[:, -limit:]
+                window_mask = None if mask is None else mask[:, -window.shape[1]:]
+                out = model(window, attention_mask=window_mask)
+    finally:
+        model.train(was_training)
+    return ids

@@ -1,0 +1,49 @@
+"""Feed-forward blocks: GELU MLP (GPT) and gated SwiGLU (Llama, BitNet, HGRN).
+
+`linear` is injectable so ternary families reuse the same block with BitLinear.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LinearFactory = Callable[..., nn.Module]
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = True,
+                 dropout: float = 0.0, linear: LinearFactory = nn.Linear) -> None:
+        super().__init__()
+        self.up_proj = linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = linear(intermediate_size, hidden_size, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down_proj(F.gelu(self.up_proj(x), approximate="tanh")))
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)); act is SiLU (SwiGLU) or squared ReLU (BitNet b1.58 2B4T)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False,
+                 activation: str = "silu", linear: LinearFactory = nn.Linear,
+                 inner_norm: nn.Module | None = None, dropout: float = 0.0) -> None:
+        super().__init__()
+        if activation not in ("silu", "relu2"):
+            raise ValueError(f"unknown gated activation {activation!r}; use 'silu' or 'relu2'")
+        self.activation = activation
+        self.gate_proj = linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = linear(intermediate_size, hidden_size, bias=bias)
+        # SubLN (BitNet) normalises the gated product before the down projection.
+        self.inner_norm = inner_norm if inner_norm is not None else nn.Identity()
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.gate_proj(x)
+        gate = F.silu(gate) if self.activation == "silu" else F.relu(gate).square()
+        return self.dropout(self.down_proj(self.inner_norm(gate * self.up_proj(x))))

@@ -1,0 +1,9 @@
+"""Model families behind one interface (see `base.CausalLM`)."""
+
+from simplified_slm.models.base import CausalLM, CausalLMOutput
+from simplified_slm.models.config import ModelConfig
+from simplified_slm.models.gpt import GPTConfig, GPTForCausalLM
+from simplified_slm.models.registry import build_model, config_from_dict, families, register_family
+
+__all__ = ["CausalLM", "CausalLMOutput", "ModelConfig", "GPTConfig", "GPTForCausalLM",
+           "build_model", "config_from_dict", "families", "register_family"]

@@ -1,0 +1,17 @@
+"""Tokenizers: byte (default, lossless), char (ASCII or corpus vocab) and BPE (HF tokenizers)."""
+
+from simplified_slm.tokenizers.base import Tokenizer
+from simplified_slm.tokenizers.bpe import BPETokenizer
+from simplified_slm.tokenizers.byte import ByteTokenizer
+from simplified_slm.tokenizers.char import CharTokenizer
+from simplified_slm.tokenizers.factory import TokenizerConfig, build_tokenizer, load_tokenizer
+
+__all__ = [
+    "BPETokenizer",
+    "ByteTokenizer",
+    "CharTokenizer",
+    "Tokenizer",
+    "TokenizerConfig",
+    "build_tokenizer",
+    "load_tokenizer",
+]

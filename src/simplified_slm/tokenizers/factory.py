@@ -1,0 +1,86 @@
+"""Build a tokenizer from its config section, or load one saved next to a checkpoint.
+
+Loading reads only JSON (tokenizer_config.json, vocab.json, tokenizer.json): a tokenizer
+directory downloaded from anywhere can never run code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable, Iterable, Literal
+
+from simplified_slm.configbase import ConfigBase, read_config_file
+from simplified_slm.errors import SLMError
+from simplified_slm.tokenizers.base import TOKENIZER_CONFIG, Tokenizer
+from simplified_slm.tokenizers.bpe import TOKENIZER_FILE, BPETokenizer, min_bpe_vocab_size
+from simplified_slm.tokenizers.byte import ByteTokenizer
+from simplified_slm.tokenizers.char import CharPolicy, CharTokenizer
+
+_SAVED_KINDS: dict[str, type[Tokenizer]] = {cls.kind: cls for cls in (ByteTokenizer, CharTokenizer, BPETokenizer)}
+
+
+@dataclasses.dataclass
+class TokenizerConfig(ConfigBase):
+    """Which tokenizer a run uses; "file" loads a tokenizer.json or a saved directory."""
+
+    kind: Literal["byte", "char", "bpe", "file"] = "byte"
+    vocab_size: int | None = None
+    char_policy: CharPolicy = "ascii"
+    path: str | None = None
+
+    def validate(self) -> None:
+        # Settings that the chosen kind ignores are rejected: a silently unused vocab_size
+        # or path is almost always a typo in `kind`.
+        if self.kind == "bpe":
+            if self.vocab_size is None:
+                self._fail("vocab_size", "kind 'bpe' trains a new vocab; set vocab_size (e.g. 4096)")
+            elif self.vocab_size < min_bpe_vocab_size():
+                self._fail("vocab_size", f"{self.vocab_size} is too small for BPE; use at least {min_bpe_vocab_size()}")
+        elif self.vocab_size is not None:
+            self._fail("vocab_size", f"only kind 'bpe' takes a vocab_size (kind is '{self.kind}'); remove it")
+        if self.kind == "file" and not self.path:
+            self._fail("path", "kind 'file' needs path to a tokenizer.json or a saved tokenizer directory")
+        if self.kind != "file" and self.path is not None:
+            self._fail("path", f"only kind 'file' takes a path (kind is '{self.kind}'); remove it or set kind: file")
+
+
+def build_tokenizer(cfg: TokenizerConfig, texts: Callable[[], Iterable[str]] | None = None) -> Tokenizer:
+    """`texts` is a callable so corpora are only read for the kinds that learn a vocab."""
+    if cfg.kind == "byte":
+        return ByteTokenizer()
+    if cfg.kind == "file":
+        assert cfg.path is not None, "TokenizerConfig.validate requires path for kind 'file'"
+        return load_tokenizer(cfg.path)
+    if cfg.kind == "char" and cfg.char_policy == "ascii":
+        return CharTokenizer()
+    if texts is None:
+        raise SLMError(f"tokenizer kind '{cfg.kind}' learns its vocab from the training texts, but none "
+                       "were given; pass texts= to build_tokenizer")
+    if cfg.kind == "char":
+        return CharTokenizer.from_corpus(texts())
+    return BPETokenizer.train(texts(), vocab_size=cfg.vocab_size or 0)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a directory written by `Tokenizer.save`, an HF tokenizer directory or a tokenizer.json."""
+    path = Path(path)
+    if path.is_file():
+        return BPETokenizer.from_file(path)
+    if not path.is_dir():
+        raise SLMError(f"tokenizer not found: {path}; pass a saved tokenizer directory or a tokenizer.json file")
+    config_path = path / TOKENIZER_CONFIG
+    config = read_config_file(config_path) if config_path.is_file() else {}
+    if "kind" not in config:  # an HF directory: tokenizer.json plus maybe HF's own config
+        if not (path / TOKENIZER_FILE).is_file():
+            raise SLMError(f"{path} holds neither {TOKENIZER_CONFIG} nor {TOKENIZER_FILE}; "
+                           "pass the directory Tokenizer.save wrote")
+        return BPETokenizer.from_file(path / TOKENIZER_FILE)
+    kind = config["kind"]
+    if kind not in _SAVED_KINDS:
+        raise SLMError(f"{config_path}: unknown tokenizer kind {kind!r}; expected one of {sorted(_SAVED_KINDS)}")
+    tokenizer = _SAVED_KINDS[kind]._load_files(path, config)
+    if config.get("vocab_size", tokenizer.vocab_size) != tokenizer.vocab_size:
+        raise SLMError(f"{config_path} says vocab_size {config['vocab_size']} but the saved vocab has "
+                       f"{tokenizer.vocab_size} ids; the files do not belong together, save the tokenizer again")
+    return tokenizer

@@ -1,0 +1,145 @@
+"""The experiment config: one file names the model, tokenizer, data, training and hooks.
+
+Model fields stay a plain mapping here and are parsed by the model registry, so each family
+validates its own fields; the vocab size is taken from the tokenizer unless the file sets it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from simplified_slm.configbase import ConfigBase, read_config_file
+from simplified_slm.data.prepare import DataConfig
+from simplified_slm.errors import SLMError
+from simplified_slm.models.config import ModelConfig
+from simplified_slm.models.registry import config_from_dict
+from simplified_slm.tokenizers import TokenizerConfig
+
+
+@dataclasses.dataclass
+class TrainConfig(ConfigBase):
+    max_steps: int = 2000
+    batch_size: int = 12
+    block_size: int = 64
+    grad_accum_steps: int = 1
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    lr_schedule: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float | None = 1.0
+    sampler: str = "random"  # random | sequential
+    eval_every: int = 250
+    eval_batches: int | None = 20  # None: the whole validation split
+    sample_every: int = 500
+    sample_tokens: int = 200
+    sample_prompt: str = "\n"
+    sample_temperature: float = 0.8
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    precision: str = "fp32"  # fp32 | bf16 | auto (bf16 where the device does it fast)
+    compile: bool = False
+    device: str = "auto"
+    time_limit_s: float | None = None  # stop (with a checkpoint) after this much training time
+    max_nonfinite_steps: int = 5  # NaN/inf steps in a row before stopping with a checkpoint
+    loggers: list[str] = dataclasses.field(default_factory=lambda: ["csv", "console"])
+    progress: bool = True
+
+    def validate(self) -> None:
+        for name in ("max_steps", "batch_size", "block_size", "grad_accum_steps", "eval_every",
+                     "sample_every", "log_every", "checkpoint_every", "keep_checkpoints",
+                     "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                self._fail(name, f"must be at least 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            self._fail("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            self._fail("lr", f"need 0 <= min_lr ({self.min_lr}) <= lr ({self.lr}) and lr > 0")
+        choices = {"optimizer": ("adamw",), "lr_schedule": ("cosine", "linear", "constant"),
+                   "sampler": ("random", "sequential"), "precision": ("fp32", "bf16", "auto")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                self._fail(name, f"{getattr(self, name)!r} is not one of {list(allowed)}")
+        if not self.device == "auto" and not self.device.split(":")[0] in ("cpu", "cuda", "mps"):
+            self._fail("device", f"{self.device!r} is not auto, cpu, cuda[:N] or mps")
+        for logger in self.loggers:
+            if logger not in ("csv", "console", "tensorboard", "wandb"):
+                self._fail("loggers", f"unknown logger {logger!r}; use csv, console, tensorboard, wandb")
+
+
+@dataclasses.dataclass
+class HookConfig(ConfigBase):
+    name: str = ""
+    enabled: bool = True
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class ExperimentConfig(ConfigBase):
+    model: dict[str, Any] = dataclasses.field(default_factory=lambda: {"family": "gpt"})
+    tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    hooks: list[HookConfig] = dataclasses.field(default_factory=list)
+    seed: int = 1337
+    output_dir: str = "runs/default"
+    run_name: str | None = None
+
+    def validate(self) -> None:
+        # parse once now so a bad model section fails at load time, not after data prep
+        self.model_config(vocab_size=self.model.get("vocab_size", 256))
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        """The model's config with the tokenizer's vocab size filled in (or checked)."""
+        fields = dict(self.model)
+        given = fields.get("vocab_size")
+        if given is not None and given < vocab_size:
+            raise SLMError(f"model.vocab_size is {given} but the tokenizer has {vocab_size} ids; "
+                           "remove model.vocab_size to take the tokenizer's, or use a matching tokenizer")
+        fields.setdefault("vocab_size", vocab_size)
+        return config_from_dict(fields, where="model")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["hooks"] = [h.to_dict() for h in self.hooks]
+        return out
+
+    def hash(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings (value parsed as YAML, so 3, 1e-3, true, [1,2] work)."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise SLMError(f"override {item!r} must look like section.key=value (e.g. train.max_steps=100)")
+        dotted, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SLMError(f"override {item!r}: '{part}' is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_experiment_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    data = read_config_file(path) if path is not None else {}
+    data = apply_overrides(data, overrides or [])
+    return ExperimentConfig.from_dict(data, where=str(path) if path else "config")

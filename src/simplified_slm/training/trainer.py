@@ -1,0 +1,272 @@
+"""The one trainer: every family, tokenizer and dataset goes through this loop.
+
+Reproducibility is the design constraint: batches are a pure function of (seed, step), the
+learning rate a pure function of the step, and a checkpoint holds the model, optimizer and
+every RNG, so a resumed run repeats the uninterrupted run's losses bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from simplified_slm.data import BatchSampler, iter_eval_batches, prepare_dataset, read_documents
+from simplified_slm.errors import SLMError
+from simplified_slm.evaluation.metrics import evaluate_lm
+from simplified_slm.models.base import CausalLM, next_token_loss
+from simplified_slm.models.registry import build_model
+from simplified_slm.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
+from simplified_slm.training.checkpoint import CheckpointManager, load_training_files, save_training_files
+from simplified_slm.training.config import ExperimentConfig
+from simplified_slm.training.hooks import ActivationStats, build_hooks
+from simplified_slm.training.loggers import build_loggers
+from simplified_slm.training.optim import build_optimizer, learning_rate
+from simplified_slm.training.run_info import RunLock, new_run_id, write_run_info
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SLMError(f"device {name!r} was asked for but CUDA is not available; use --device cpu or auto")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast when asked (or 'auto' on a GPU that supports it); None means fp32."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def training_texts(cfg: ExperimentConfig) -> Callable[[], Any]:
+    """Zero-argument callable over the training texts (for char-vocab and BPE training)."""
+    source = cfg.data.train_file or cfg.data.dataset
+
+    def texts() -> Any:
+        return (doc.text for doc in read_documents(source))
+    return texts
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    interrupted: bool
+    val_metrics: dict[str, float]
+    losses: list[float] = field(default_factory=list)  # train loss of each step run in this call
+    checkpoint: Path | None = None
+
+
+class Trainer:
+    def __init__(self, cfg: ExperimentConfig, resume: str | None = None,
+                 say: Callable[[str], None] | None = None, until: int | None = None) -> None:
+        """`until` pauses the run at that step (with a checkpoint) without changing the
+        schedule, which is laid out over `train.max_steps`; resume later to continue."""
+        self.cfg = cfg
+        self.resume = resume
+        self.until = until
+        self.say = say or tqdm.write
+        self.run_dir = Path(cfg.output_dir)
+        self.device = resolve_device(cfg.train.device)
+        self._stop_reason: str | None = None
+
+    # ----------------------------------------------------------------- set-up
+    def _tokenizer(self) -> Tokenizer:
+        tok_dir = self.run_dir / "tokenizer"
+        if (tok_dir / "tokenizer_config.json").is_file():
+            return load_tokenizer(tok_dir)
+        tokenizer = build_tokenizer(self.cfg.tokenizer, training_texts(self.cfg))
+        tokenizer.save(tok_dir)
+        return tokenizer
+
+    def _find_resume(self, ckpts: CheckpointManager) -> Path | None:
+        if self.resume is None:
+            if ckpts.step_dirs():
+                raise SLMError(f"{self.run_dir} already holds checkpoints; pass --resume auto to continue "
+                               "that run, or choose another output_dir")
+            return None
+        if self.resume == "auto":
+            found = ckpts.latest_intact()
+            if found is None:
+                self.say(f"no intact checkpoint in {ckpts.root}; starting a fresh run")
+            return found
+        path = Path(self.resume)
+        if not path.is_dir():
+            raise SLMError(f"checkpoint {path} does not exist; pass a checkpoint folder or --resume auto")
+        return path.resolve()
+
+    def _signal_handler(self, signum: int, frame: Any) -> None:
+        self._stop_reason = signal.Signals(signum).name
+
+    # ------------------------------------------------------------------ train
+    def run(self) -> TrainResult:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with RunLock(self.run_dir, resume=self.resume is not None):
+            handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                for sig in handlers:
+                    signal.signal(sig, self._signal_handler)
+            except ValueError:  # not the main thread: signals stay with the caller
+                handlers = {}
+            try:
+                return self._run()
+            finally:
+                for sig, handler in handlers.items():
+                    signal.signal(sig, handler)
+
+    def _run(self) -> TrainResult:
+        cfg, tcfg = self.cfg, self.cfg.train
+        torch.manual_seed(cfg.seed)
+        tokenizer = self._tokenizer()
+        data = prepare_dataset(cfg.data, tokenizer, self.run_dir / "data")
+        token_bytes = tokenizer.token_byte_lengths()
+        model = build_model(cfg.model_config(tokenizer.vocab_size)).to(self.device)
+        if model.max_context is not None and tcfg.block_size > model.max_context:
+            raise SLMError(f"train.block_size ({tcfg.block_size}) exceeds the model's context "
+                           f"({model.max_context}); lower block_size or raise the model's context")
+        optimizer = build_optimizer(model, tcfg)
+        sampler = BatchSampler(data.train, tcfg.block_size, tcfg.batch_size, cfg.seed, mode=tcfg.sampler)
+        forward_hooks, update_hooks, hook_names = build_hooks(cfg.hooks)
+        for hook in forward_hooks:
+            hook.attach(model)
+
+        ckpts = CheckpointManager(self.run_dir / "checkpoints", tcfg.keep_checkpoints, self.say)
+        start = self._find_resume(ckpts)
+        step, best_val, run_id = 0, math.inf, new_run_id()
+        if start is not None:
+            state = load_training_files(start, model, optimizer)
+            if state.get("config_hash") != cfg.hash():
+                self.say(f"note: resuming {start.name} with a changed config")
+            step, best_val, run_id = state["step"], state["best_val_loss"], state["run_id"]
+            self.say(f"resumed from {start} at step {step}")
+        write_run_info(self.run_dir, run_id, cfg, hook_names, model, resumed_from=start)
+        loggers = build_loggers(tcfg.loggers, self.run_dir, run_id, cfg.to_dict(), self.say)
+        amp = autocast_dtype(tcfg.precision, self.device)
+        forward = torch.compile(model) if tcfg.compile else model
+
+        def eval_metrics() -> dict[str, float]:
+            batches = iter_eval_batches(data.val, tcfg.block_size, tcfg.batch_size, tcfg.eval_batches)
+            return evaluate_lm(model, batches, token_bytes, self.device, amp)
+
+        def save(at_step: int, best: bool = False) -> Path:
+            state = {"step": at_step, "best_val_loss": best_val, "run_id": run_id, "config_hash": cfg.hash(),
+                     "config": cfg.to_dict()}
+            return ckpts.save(at_step, lambda d: save_training_files(d, model, tokenizer, optimizer, state), best)
+
+        losses: list[float] = []
+        val: dict[str, float] = {}
+        last_ckpt: Path | None = None
+        bad_in_row = 0
+        tokens_per_step = tcfg.batch_size * tcfg.block_size * tcfg.grad_accum_steps
+        bar = tqdm(total=tcfg.max_steps, initial=step, disable=not tcfg.progress, dynamic_ncols=True,
+                   desc="train", unit="step")
+        started = time.perf_counter()
+        window_start, window_steps = started, 0
+        model.train()
+        try:
+            while step < tcfg.max_steps:
+                lr = learning_rate(step, tcfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                stats_hooks = [h for h in forward_hooks if isinstance(h, ActivationStats)]
+                for hook in stats_hooks:
+                    hook.active = (step + 1) % hook.every == 0
+                step_loss = 0.0
+                aux_total = 0.0
+                for micro in range(tcfg.grad_accum_steps):
+                    x, y = sampler.batch(step * tcfg.grad_accum_steps + micro)
+                    x, y = x.to(self.device), y.to(self.device)
+                    with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
+                        out = forward(x)
+                        loss = next_token_loss(out.logits, y)
+                        total = loss + out.aux_loss if out.aux_loss is not None else loss
+                    (total / tcfg.grad_accum_steps).backward()
+                    step_loss += loss.item() / tcfg.grad_accum_steps
+                    if out.aux_loss is not None:
+                        aux_total += out.aux_loss.item() / tcfg.grad_accum_steps
+                for hook in update_hooks:
+                    hook.apply(model, step)
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), tcfg.grad_clip if tcfg.grad_clip else math.inf).item()
+                step += 1
+                if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+                    optimizer.zero_grad(set_to_none=True)
+                    bad_in_row += 1
+                    self.say(f"warning: step {step} has a non-finite loss or gradient; skipped "
+                             f"({bad_in_row} in a row)")
+                    loggers.log(step, {"train/skipped_nonfinite": float(bad_in_row)})
+                    if bad_in_row >= tcfg.max_nonfinite_steps:
+                        path = save(step)
+                        raise SLMError(f"training diverged: {bad_in_row} non-finite steps in a row ending at "
+                                       f"step {step}; the last good weights are in {path}. Lower train.lr "
+                                       "or check the data")
+                    bar.update(1)
+                    continue
+                bad_in_row = 0
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(step_loss)
+                window_steps += 1
+                bar.update(1)
+                if tcfg.time_limit_s is not None and time.perf_counter() - started > tcfg.time_limit_s:
+                    self._stop_reason = self._stop_reason or "time limit"
+                if self.until is not None and step >= self.until:
+                    self._stop_reason = self._stop_reason or f"paused at --until {self.until}"
+                # a planned end (last step, time limit, pause) gets a final eval and sample; a
+                # signal only gets its checkpoint, as fast as possible
+                ending = step == tcfg.max_steps or self._stop_reason in ("time limit", f"paused at --until {self.until}")
+                if step % tcfg.log_every == 0 or ending:
+                    now = time.perf_counter()
+                    tok_s = window_steps * tokens_per_step / max(now - window_start, 1e-9)
+                    metrics = {"train/loss": step_loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                               "train/tokens_per_s": tok_s, "train/tokens": float(step * tokens_per_step)}
+                    if aux_total:
+                        metrics["train/aux_loss"] = aux_total
+                    for hook in forward_hooks:
+                        metrics.update(hook.metrics())
+                    loggers.log(step, metrics)
+                    bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
+                    window_start, window_steps = now, 0
+                if step % tcfg.eval_every == 0 or ending:
+                    val = eval_metrics()
+                    loggers.log(step, {f"val/{k}": v for k, v in val.items() if k not in ("tokens", "bytes")})
+                    if val["loss"] < best_val:
+                        best_val = val["loss"]
+                        last_ckpt = save(step, best=True)
+                if step % tcfg.sample_every == 0 or ending:
+                    loggers.log_text(step, "sample", self._sample(model, tokenizer, step))
+                if step % tcfg.checkpoint_every == 0 and (last_ckpt is None or not last_ckpt.name.endswith(f"{step:08d}")):
+                    last_ckpt = save(step)
+                if self._stop_reason:
+                    break
+        finally:
+            bar.close()
+            loggers.close()
+        if last_ckpt is None or not last_ckpt.name.endswith(f"{step:08d}"):
+            last_ckpt = save(step)
+        if self._stop_reason:
+            self.say(f"stopped at step {step} ({self._stop_reason}); checkpoint {last_ckpt}; "
+                     "continue with --resume auto")
+        interrupted = self._stop_reason in ("SIGINT", "SIGTERM")
+        return TrainResult(self.run_dir, step, interrupted, val, losses, last_ckpt)
+
+    def _sample(self, model: CausalLM, tokenizer: Tokenizer, step: int) -> str:
+        tcfg = self.cfg.train
+        prompt = tokenizer.encode_ids(tcfg.sample_prompt) or [0]
+        ids = torch.tensor([prompt], device=self.device)
+        out = model.generate(ids, tcfg.sample_tokens, temperature=tcfg.sample_temperature, top_k=50,
+                             seed=self.cfg.seed + step, eos_token_id=tokenizer.eos_token_id)
+        return tokenizer.decode(out[0, len(prompt):])

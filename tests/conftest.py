@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny but real experiment config on the bundled tiny shakespeare."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def tiny_experiment(output_dir: Path, **train_overrides) -> dict:
+    train = {"max_steps": 40, "batch_size": 8, "block_size": 32, "lr": 3e-3, "min_lr": 3e-4,
+             "warmup_steps": 5, "eval_every": 20, "eval_batches": 4, "sample_every": 20,
+             "sample_tokens": 20, "checkpoint_every": 10, "log_every": 5, "progress": False,
+             "loggers": ["csv"]}
+    train.update(train_overrides)
+    return {
+        "seed": 7,
+        "output_dir": str(output_dir),
+        "model": {"family": "gpt", "n_layers": 2, "d_model": 32, "n_heads": 2, "context_length": 32,
+                  "dropout": 0.1},
+        "tokenizer": {"kind": "char", "char_policy": "corpus"},
+        "data": {"dataset": "tinyshakespeare", "max_train_bytes": 200_000},
+        "train": train,
+    }
+
+
+@pytest.fixture
+def python_exe() -> str:
+    return sys.executable

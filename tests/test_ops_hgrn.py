@@ -1,0 +1,173 @@
+"""HGRN recurrence: chunk and fused-recurrent forms against the naive reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from simplified_slm.errors import SLMError
+from simplified_slm.ops.hgrn import chunk_hgrn, fused_recurrent_hgrn, naive_recurrent_hgrn
+from simplified_slm.ops.hgrn.chunk import _chunk_size
+
+# 1 (single token), 2, odd lengths, and lengths with whole chunks plus a ragged tail.
+LENGTHS = [1, 2, 7, 33, 100, 257]
+GATES = ["uniform", "near0", "near1", "mixed"]
+
+
+def _gates(kind: str, shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    u = torch.rand(shape, generator=gen, dtype=torch.float64)
+    near0 = 1e-6 * u
+    near1 = 1 - 1e-6 * u
+    if kind == "uniform":
+        f = u
+    elif kind == "near0":
+        f = near0
+    elif kind == "near1":
+        f = near1
+    else:
+        pick = torch.randint(0, 3, shape, generator=gen)
+        f = torch.where(pick == 0, near0, torch.where(pick == 1, u, near1))
+    return f.to(dtype)
+
+
+def _case(
+    length: int, gates: str, with_state: bool, dtype: torch.dtype, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    gen = torch.Generator().manual_seed(seed)
+    shape = (2, length, 6)
+    i = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    f = _gates(gates, shape, dtype, gen)
+    h0 = torch.randn(2, 6, generator=gen, dtype=torch.float64).to(dtype) if with_state else None
+    return i, f, h0
+
+
+def _run(fn, i, f, h0):
+    """Outputs and gradients of a random linear loss on o and the final state."""
+    leaves = [t.detach().clone().requires_grad_() for t in (i, f)]
+    state = None if h0 is None else h0.detach().clone().requires_grad_()
+    o, final = fn(*leaves, state, True)
+    gen = torch.Generator().manual_seed(1)
+    w_o = torch.randn(o.shape, generator=gen, dtype=o.dtype)
+    w_s = torch.randn(final.shape, generator=gen, dtype=o.dtype)
+    ((o * w_o).sum() + (final * w_s).sum()).backward()
+    grads = [t.grad for t in leaves] + ([] if state is None else [state.grad])
+    return [o.detach(), final.detach(), *grads]
+
+
+def test_lengths_cover_chunks_with_a_ragged_tail():
+    assert any(t // _chunk_size(t) >= 2 and t % _chunk_size(t) for t in LENGTHS)
+    assert any(t // _chunk_size(t) >= 2 and t % _chunk_size(t) == 0 for t in [2048])
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("gates", GATES)
+@pytest.mark.parametrize("length", LENGTHS)
+def test_chunk_matches_naive_float64(length, gates, with_state):
+    i, f, h0 = _case(length, gates, with_state, torch.float64)
+    for got, want in zip(_run(chunk_hgrn, i, f, h0), _run(naive_recurrent_hgrn, i, f, h0)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("gates", GATES)
+@pytest.mark.parametrize("length", [1, 100, 2048])
+def test_chunk_matches_naive_float32(length, gates, with_state):
+    i, f, h0 = _case(length, gates, with_state, torch.float32)
+    for got, want in zip(_run(chunk_hgrn, i, f, h0), _run(naive_recurrent_hgrn, i, f, h0)):
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max().clamp(min=1.0)
+
+
+@pytest.mark.parametrize("fn", [chunk_hgrn, fused_recurrent_hgrn])
+def test_gradcheck(fn):
+    i, f, h0 = _case(9, "uniform", True, torch.float64)
+    inputs = tuple(t.requires_grad_() for t in (i, f, h0))
+    assert torch.autograd.gradcheck(lambda a, b, c: fn(a, b, c, True), inputs)
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("length", LENGTHS)
+def test_fused_recurrent_equals_naive(length, with_state):
+    i, f, h0 = _case(length, "mixed", with_state, torch.float32)
+    got, want = _run(fused_recurrent_hgrn, i, f, h0), _run(naive_recurrent_hgrn, i, f, h0)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for g, w in zip(got[2:], want[2:]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_stepping_one_token_at_a_time_equals_full_reference():
+    i, f, h0 = _case(37, "mixed", True, torch.float32)
+    want, _ = naive_recurrent_hgrn(i, f, h0)
+    state, steps = h0, []
+    for t in range(i.shape[1]):
+        o, state = fused_recurrent_hgrn(i[:, t : t + 1], f[:, t : t + 1], state, True)
+        steps.append(o)
+    assert torch.equal(torch.cat(steps, dim=1), want)
+
+
+def test_prefill_with_chunk_then_decode_continues_the_sequence():
+    i, f, _ = _case(120, "uniform", False, torch.float64)
+    want, _ = naive_recurrent_hgrn(i, f)
+    prefix, state = chunk_hgrn(i[:, :100], f[:, :100], output_final_state=True)
+    rest, _ = fused_recurrent_hgrn(i[:, 100:], f[:, 100:], state)
+    torch.testing.assert_close(torch.cat([prefix, rest], dim=1), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("fn", [naive_recurrent_hgrn, chunk_hgrn, fused_recurrent_hgrn])
+def test_heads_are_batch(fn):
+    gen = torch.Generator().manual_seed(3)
+    i = torch.randn(2, 3, 50, 4, generator=gen, dtype=torch.float64)
+    f = torch.rand(2, 3, 50, 4, generator=gen, dtype=torch.float64)
+    h0 = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64)
+    o, final = fn(i, f, h0, True)
+    o_flat, final_flat = naive_recurrent_hgrn(i.flatten(0, 1), f.flatten(0, 1), h0.flatten(0, 1), True)
+    torch.testing.assert_close(o, o_flat.view(2, 3, 50, 4), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(final, final_flat.view(2, 3, 4), rtol=1e-12, atol=1e-12)
+
+
+def test_non_contiguous_inputs():
+    gen = torch.Generator().manual_seed(4)
+    proj = torch.randn(3, 70, 16, generator=gen, dtype=torch.float64)
+    i, f = proj.chunk(2, dim=-1)
+    f = f.sigmoid()
+    torch.testing.assert_close(chunk_hgrn(i, f)[0], naive_recurrent_hgrn(i, f)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_no_final_state_unless_asked():
+    i, f, _ = _case(5, "uniform", False, torch.float32)
+    for fn in (naive_recurrent_hgrn, chunk_hgrn, fused_recurrent_hgrn):
+        assert fn(i, f)[1] is None
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    length=st.integers(1, 80),
+    dim=st.integers(1, 5),
+    with_state=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_chunk_matches_naive_any_shape(batch, length, dim, with_state, seed):
+    gen = torch.Generator().manual_seed(seed)
+    i = torch.randn(batch, length, dim, generator=gen, dtype=torch.float64)
+    f = torch.rand(batch, length, dim, generator=gen, dtype=torch.float64)
+    h0 = torch.randn(batch, dim, generator=gen, dtype=torch.float64) if with_state else None
+    for got, want in zip(_run(chunk_hgrn, i, f, h0), _run(naive_recurrent_hgrn, i, f, h0)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("fn", [naive_recurrent_hgrn, chunk_hgrn, fused_recurrent_hgrn])
+@pytest.mark.parametrize(
+    ("i_shape", "f_shape", "h0_shape", "match"),
+    [
+        ((4, 8), (4, 8), None, "batch, time, dim"),
+        ((2, 4, 8), (2, 4, 7), None, "forget gate"),
+        ((2, 4, 8), (2, 4, 8), (2, 4, 8), "initial_state"),
+        ((2, 0, 8), (2, 0, 8), None, "empty sequence"),
+    ],
+)
+def test_impossible_shapes_raise_slm_error(fn, i_shape, f_shape, h0_shape, match):
+    h0 = None if h0_shape is None else torch.zeros(h0_shape)
+    with pytest.raises(SLMError, match=match):
+        fn(torch.zeros(i_shape), torch.zeros(f_shape), h0)

@@ -1,0 +1,33 @@
+"""Sampling rules on hand-made logits."""
+
+import torch
+
+from simplified_slm.generation.sampling import apply_repetition_penalty, choose_next, filter_top_k, filter_top_p
+
+
+def test_top_k_keeps_k_largest():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0]])
+    kept = torch.isfinite(filter_top_k(logits, 2))
+    assert kept.tolist() == [[False, True, False, True]]
+
+
+def test_top_p_keeps_smallest_set_reaching_mass():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    kept = torch.isfinite(filter_top_p(probs.log(), 0.75))
+    assert kept.tolist() == [[True, True, False, False]]
+    kept = torch.isfinite(filter_top_p(probs.log(), 0.4))
+    assert kept.tolist() == [[True, False, False, False]]
+
+
+def test_repetition_penalty_lowers_seen_tokens():
+    logits = torch.tensor([[2.0, -1.0, 1.0]])
+    out = apply_repetition_penalty(logits, torch.tensor([[0, 1]]), 2.0)
+    assert out.tolist() == [[1.0, -2.0, 1.0]]
+
+
+def test_greedy_and_sampling():
+    logits = torch.tensor([[0.0, 10.0, 0.0], [3.0, 0.0, 0.0]])
+    assert choose_next(logits, greedy=True).tolist() == [1, 0]
+    g = torch.Generator().manual_seed(0)
+    draws = [choose_next(logits, temperature=1.0, top_k=1, generator=g).tolist() for _ in range(5)]
+    assert all(d == [1, 0] for d in draws)
