@@ -135,11 +135,17 @@ def _wait_for_steps(run_dir: Path, steps: int, proc, timeout=60.0):
     raise AssertionError("training did not progress")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL, signal.SIGINT])
-def test_interrupted_run_resumes_to_the_same_model(tmp_path, sig):
-    reference = tmp_path / "reference"
-    proc = _launch(tmp_path, reference)
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reference")
+    proc = _launch(tmp, tmp / "run")
     assert proc.wait(timeout=120) == 0, proc.communicate()
+    return tmp / "run"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL, signal.SIGINT])
+def test_interrupted_run_resumes_to_the_same_model(tmp_path, sig, reference_run):
+    reference = reference_run
     run_dir = tmp_path / "interrupted"
     proc = _launch(tmp_path, run_dir)
     _wait_for_steps(run_dir, 3, proc)

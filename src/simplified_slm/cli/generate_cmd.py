@@ -27,6 +27,8 @@ def complete(model: CausalLM, tokenizer: Tokenizer, prompt: str, args: argparse.
     if limit is not None and len(ids) > limit:
         raise SLMError(f"the prompt has {len(ids)} tokens but the model's context is {limit}; shorten it")
     printed: list[int] = []
+    if stream:
+        sys.stdout.write(prompt)
 
     def on_token(column: torch.Tensor) -> None:
         printed.append(int(column[0]))
@@ -67,7 +69,6 @@ def _interactive(model: CausalLM, tokenizer: Tokenizer, args: argparse.Namespace
         if not prompt:
             return 0
         try:
-            sys.stdout.write(prompt)
             complete(model, tokenizer, prompt, args, stream=True)
         except SLMError as err:
             print(f"error: {err}", file=sys.stderr)
