@@ -3,7 +3,9 @@
 from simplified_slm.models.base import CausalLM, CausalLMOutput
 from simplified_slm.models.config import ModelConfig
 from simplified_slm.models.gpt import GPTConfig, GPTForCausalLM
+from simplified_slm.models.hgrn_bit import SimplifiedSLMConfig, SimplifiedSLMForCausalLM
 from simplified_slm.models.registry import build_model, config_from_dict, families, register_family
 
 __all__ = ["CausalLM", "CausalLMOutput", "ModelConfig", "GPTConfig", "GPTForCausalLM",
+           "SimplifiedSLMConfig", "SimplifiedSLMForCausalLM",
            "build_model", "config_from_dict", "families", "register_family"]

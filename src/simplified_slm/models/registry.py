@@ -12,9 +12,11 @@ from simplified_slm.errors import SLMError
 from simplified_slm.models.base import CausalLM
 from simplified_slm.models.config import ModelConfig
 from simplified_slm.models.gpt import GPTConfig, GPTForCausalLM
+from simplified_slm.models.hgrn_bit import SimplifiedSLMConfig, SimplifiedSLMForCausalLM
 
 _FAMILIES: dict[str, tuple[type[ModelConfig], type[CausalLM]]] = {
     "gpt": (GPTConfig, GPTForCausalLM),
+    "hgrn_bit": (SimplifiedSLMConfig, SimplifiedSLMForCausalLM),
 }
 
 

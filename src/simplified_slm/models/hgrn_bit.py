@@ -1,0 +1,119 @@
+"""`hgrn_bit`: seed 000's MatMul-free flat model (SimplifiedSLMForCausalLM).
+
+Embedding -> N x HGRNBitBlock -> RMSNorm -> BitLinear LM head, byte vocabulary by default.
+Every linear layer is ternary; the token mixer is a linear recurrence, so the model has no
+context limit and decodes in O(1) per token from a `RecurrentCache`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from simplified_slm.layers.hgrn_bit import HGRNBitBlock
+from simplified_slm.models.base import CausalLM, CausalLMOutput, shifted_labels_loss
+from simplified_slm.models.config import ModelConfig
+from simplified_slm.ops.bitnet import BitLinear
+from simplified_slm.utils.cache import RecurrentCache
+
+
+@dataclasses.dataclass
+class SimplifiedSLMConfig(ModelConfig):
+    family: ClassVar[str] = "hgrn_bit"
+    # seed 000's table: hidden x layers; hidden_ratio 4 as in the MatMul-free reference
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "small": dict(hidden_size=256, num_hidden_layers=4),
+        "base": dict(hidden_size=512, num_hidden_layers=6),
+        "large": dict(hidden_size=768, num_hidden_layers=12),
+    }
+
+    vocab_size: int = 256
+    hidden_size: int = 512
+    num_hidden_layers: int = 6
+    num_heads: int = 1
+    expand_ratio: int = 1
+    hidden_ratio: int = 4
+    intermediate_size: int | None = None  # default: 2/3 * hidden_ratio * hidden, rounded up to 256
+    use_lower_bound: bool = True
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("hidden_size", "num_hidden_layers", "num_heads", "expand_ratio", "hidden_ratio"):
+            if getattr(self, name) < 1:
+                self._fail(name, f"must be positive, got {getattr(self, name)}")
+        if (self.hidden_size * self.expand_ratio) % self.num_heads:
+            self._fail("num_heads", f"hidden_size * expand_ratio ({self.hidden_size * self.expand_ratio}) "
+                                    f"must be divisible by num_heads ({self.num_heads})")
+        if self.intermediate_size is not None and self.intermediate_size < 1:
+            self._fail("intermediate_size", f"must be positive, got {self.intermediate_size}")
+
+    @property
+    def mlp_size(self) -> int:
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        size = int(self.hidden_size * self.hidden_ratio * 2 / 3)
+        return 256 * ((size + 255) // 256)
+
+
+class SimplifiedSLMForCausalLM(CausalLM):
+    config_class = SimplifiedSLMConfig
+
+    def __init__(self, config: SimplifiedSLMConfig) -> None:
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            HGRNBitBlock(config.hidden_size, config.mlp_size, config.expand_ratio, config.num_heads,
+                         config.rms_norm_eps, layer_idx=i)
+            for i in range(config.num_hidden_layers))
+        # Lower bounds of the forget gates: softmax over layers, cumulative sum minus the
+        # first, so layer 0 has none and deeper layers are forced to remember longer.
+        self.lower_bounds = (nn.Parameter(torch.zeros(config.num_hidden_layers,
+                                                      config.hidden_size * config.expand_ratio))
+                             if config.use_lower_bound else None)
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.lm_head = BitLinear(config.hidden_size, config.vocab_size)
+        self.apply(self._init_weights)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embeddings.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, 0.0, self.config.initializer_range)
+
+    def make_cache(self, batch_size: int, max_length: int) -> RecurrentCache:
+        return RecurrentCache(self.config.num_hidden_layers)
+
+    def layer_lower_bounds(self) -> list[torch.Tensor | None]:
+        if self.lower_bounds is None:
+            return [None] * self.config.num_hidden_layers
+        bounds = self.lower_bounds.softmax(0)
+        bounds = bounds.cumsum(0) - bounds[0]
+        return list(bounds.unbind(0))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, cache: RecurrentCache | None = None,
+                use_cache: bool = False) -> CausalLMOutput:
+        if use_cache and cache is None:
+            cache = self.make_cache(input_ids.shape[0], 0)
+        x = self.embeddings(input_ids)
+        for layer, bound in zip(self.layers, self.layer_lower_bounds()):
+            x = layer(x, bound, attention_mask, cache)
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
+        logits = self.lm_head(self.norm(x))
+        loss = shifted_labels_loss(logits, labels) if labels is not None else None
+        return CausalLMOutput(logits=logits, loss=loss, cache=cache)
+
+    @torch.no_grad()
+    def freeze_ternary(self, int8: bool = False) -> "SimplifiedSLMForCausalLM":
+        """Replace every BitLinear's float weight by int8 ternary codes + scale (inference only)."""
+        for module in self.modules():
+            if isinstance(module, BitLinear):
+                module.freeze(int8=int8)
+        return self
