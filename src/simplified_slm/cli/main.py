@@ -76,7 +76,12 @@ def _load_model(path: str | None, device: str):
             raise SLMError("no trained model found under runs/; train one (make demo) or pass --model_path")
         path = str(candidates[-1])
         print(f"using {path}", file=sys.stderr)
-    model = CausalLM.from_pretrained(path).to(resolve_device(device))
+    from simplified_slm.export.ternary import PACKED_FILE, load_packed
+
+    if (Path(path) / PACKED_FILE).is_file():
+        model = load_packed(path).to(resolve_device(device))
+    else:
+        model = CausalLM.from_pretrained(path).to(resolve_device(device))
     model.eval()
     tokenizer = load_tokenizer(path)
     if tokenizer.vocab_size > model.config.vocab_size:
@@ -129,6 +134,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_pipeline(_experiment(args), resume=args.resume)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from simplified_slm.export.ternary import save_packed
+
+    model, tokenizer = _load_model(args.checkpoint, "cpu")
+    if args.format == "ternary":
+        info = save_packed(model, args.out, tokenizer)
+        ratio = info["linear_weights_fp16_bytes"] / info["linear_weights_packed_bytes"]
+        print(json.dumps({"out": args.out, **info, "linear_weights_vs_fp16": round(ratio, 2)}))
+    else:
+        model.save_pretrained(args.out, tokenizer=tokenizer)
+        print(json.dumps({"out": args.out}))
+    return 0
+
+
 def cmd_tokenizer(args: argparse.Namespace) -> int:
     from simplified_slm.data import read_documents
     from simplified_slm.tokenizers import TokenizerConfig, build_tokenizer
@@ -177,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text from a trained model")
     add_generate_args(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="write a model in another format")
+    p.add_argument("--checkpoint", required=True, help="checkpoint or model folder")
+    p.add_argument("--format", required=True, choices=["safetensors", "ternary"],
+                   help="safetensors: plain model folder; ternary: 2-bit packed BitLinear weights")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)
