@@ -51,7 +51,8 @@ def _absmax_scale(x: torch.Tensor) -> torch.Tensor:
 
 
 def _int8_levels(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (x * scale).round().clamp(-128, 127)
+    # in place on the fresh product: one allocation instead of three on the hot path
+    return (x * scale).round_().clamp_(-128, 127)
 
 
 def activation_quant(x: torch.Tensor) -> torch.Tensor:
@@ -80,6 +81,23 @@ def straight_through(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
     identity in the backward so the latent float weights still get a training signal.
     """
     return x + (quantized - x).detach()
+
+
+class _QuantizeSTE(torch.autograd.Function):
+    """Forward `quantize(x)`, backward the identity: `straight_through` as a single op.
+
+    Same gradient as `x + (q - x).detach()`, but the forward value is exactly q (no
+    rounding from the add/sub pair), two passes over the tensor fewer, and nothing is
+    saved for backward. This is the training hot path of every BitLinear.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: bool) -> torch.Tensor:  # type: ignore[override]
+        return weight_quant(x) if weight else activation_quant(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad, None
 
 
 def _int8_matmul(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -125,6 +143,7 @@ class BitLinear(nn.Linear):
         self.register_buffer("weight_codes", None)
         self.register_buffer("weight_scale", None)
         self.int8 = False
+        self._inference_weight: tuple[tuple[int, int], torch.Tensor] | None = None
 
     @property
     def frozen(self) -> bool:
@@ -153,9 +172,22 @@ class BitLinear(nn.Linear):
             x = self.norm(x)
         if self.frozen:
             return self._frozen_forward(x)
-        x_q = straight_through(x, activation_quant(x))
-        w_q = straight_through(self.weight, weight_quant(self.weight))
-        return F.linear(x_q, w_q, self.bias)
+        return F.linear(_QuantizeSTE.apply(x, False), self._quantized_weight(), self.bias)
+
+    def _quantized_weight(self) -> torch.Tensor:
+        """Fake-quantised weight; without autograd (generation) it is cached per weight version.
+
+        Decoding one token would otherwise re-quantise every weight matrix per token. The
+        cache key is the storage and its version counter, which optimizer steps and
+        `load_state_dict` bump; only edits through `.data` would go unnoticed.
+        """
+        if torch.is_grad_enabled():
+            self._inference_weight = None
+            return _QuantizeSTE.apply(self.weight, True)
+        key = (self.weight.data_ptr(), self.weight._version)
+        if self._inference_weight is None or self._inference_weight[0] != key:
+            self._inference_weight = (key, weight_quant(self.weight))
+        return self._inference_weight[1]
 
     def _frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
         assert self.weight_codes is not None and self.weight_scale is not None
