@@ -138,7 +138,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from simplified_slm.export.ternary import save_packed
 
     model, tokenizer = _load_model(args.checkpoint, "cpu")
-    if args.format == "ternary":
+    if args.format == "hf":
+        from simplified_slm.export.hf import export_hf
+
+        export_hf(model, args.out, tokenizer)
+        print(json.dumps({"out": args.out, "format": "transformers"}))
+    elif args.format == "ternary":
         info = save_packed(model, args.out, tokenizer)
         ratio = info["linear_weights_fp16_bytes"] / info["linear_weights_packed_bytes"]
         print(json.dumps({"out": args.out, **info, "linear_weights_vs_fp16": round(ratio, 2)}))
@@ -199,8 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a model in another format")
     p.add_argument("--checkpoint", required=True, help="checkpoint or model folder")
-    p.add_argument("--format", required=True, choices=["safetensors", "ternary"],
-                   help="safetensors: plain model folder; ternary: 2-bit packed BitLinear weights")
+    p.add_argument("--format", required=True, choices=["safetensors", "ternary", "hf"],
+                   help="safetensors: plain model folder; ternary: 2-bit packed BitLinear weights; "
+                        "hf: a transformers folder (gpt -> GPT2LMHeadModel, llama -> LlamaForCausalLM)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
 

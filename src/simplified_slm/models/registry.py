@@ -13,10 +13,12 @@ from simplified_slm.models.base import CausalLM
 from simplified_slm.models.config import ModelConfig
 from simplified_slm.models.gpt import GPTConfig, GPTForCausalLM
 from simplified_slm.models.hgrn_bit import SimplifiedSLMConfig, SimplifiedSLMForCausalLM
+from simplified_slm.models.llama import LlamaConfig, LlamaForCausalLM
 
 _FAMILIES: dict[str, tuple[type[ModelConfig], type[CausalLM]]] = {
     "gpt": (GPTConfig, GPTForCausalLM),
     "hgrn_bit": (SimplifiedSLMConfig, SimplifiedSLMForCausalLM),
+    "llama": (LlamaConfig, LlamaForCausalLM),
 }
 
 

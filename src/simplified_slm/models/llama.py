@@ -1,0 +1,159 @@
+"""`llama`: Llama-3.2-style decoder (RMSNorm, RoPE with scaling, GQA, SwiGLU, sliding window).
+
+Field and module names follow transformers' LlamaConfig / LlamaForCausalLM (minus the
+`model.` prefix), so importing or exporting a HF checkpoint is a rename, not a reshuffle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from simplified_slm.errors import SLMError
+from simplified_slm.layers.attention import AttentionBias, CausalSelfAttention, attention_bias
+from simplified_slm.layers.kv_cache import KVCache
+from simplified_slm.layers.mlp import GatedMLP
+from simplified_slm.layers.rope import RotaryEmbedding, validate_rope_scaling
+from simplified_slm.models.base import CausalLM, CausalLMOutput, positions_from_mask, shifted_labels_loss
+from simplified_slm.models.config import ModelConfig
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+
+
+@dataclasses.dataclass
+class LlamaConfig(ModelConfig):
+    family: ClassVar[str] = "llama"
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=256),
+        "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=8,
+                      num_key_value_heads=2, max_position_embeddings=1024),
+        "base": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                     num_key_value_heads=4, max_position_embeddings=2048),
+        "large": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                      num_key_value_heads=4, max_position_embeddings=2048),
+        "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                             num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                             rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
+        "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                             num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                             rope_theta=500000.0, rope_scaling=LLAMA3_ROPE, rms_norm_eps=1e-5,
+                             tie_word_embeddings=True),
+    }
+
+    vocab_size: int = 256
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = None  # None: = num_attention_heads (MHA); 1: MQA
+    head_dim: int | None = None
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    sliding_window: int | None = None
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "max_position_embeddings"):
+            if getattr(self, name) < 1:
+                self._fail(name, f"must be positive, got {getattr(self, name)}")
+        kv = self.num_key_value_heads or self.num_attention_heads
+        if kv < 1 or self.num_attention_heads % kv:
+            self._fail("num_key_value_heads", f"{kv} must divide num_attention_heads ({self.num_attention_heads})")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            self._fail("num_attention_heads", f"hidden_size ({self.hidden_size}) must be divisible by it "
+                                              f"({self.num_attention_heads}) unless head_dim is set")
+        if (self.head_dim or self.hidden_size // self.num_attention_heads) % 2:
+            self._fail("head_dim", "must be even for rotary embeddings")
+        problem = validate_rope_scaling(self.rope_scaling)
+        if problem:
+            self._fail("rope_scaling", problem)
+        if self.sliding_window is not None and self.sliding_window < 1:
+            self._fail("sliding_window", f"must be positive, got {self.sliding_window}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = CausalSelfAttention(config.hidden_size, config.num_attention_heads, config.kv_heads,
+                                             config.dim_per_head, bias=config.attention_bias,
+                                             dropout=config.attention_dropout)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, bias=False, activation="silu")
+
+    def forward(self, x: torch.Tensor, bias: AttentionBias, rotary, cache: KVCache | None, layer: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), bias, rotary=rotary, cache=cache, layer=layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(CausalLM):
+    config_class = LlamaConfig
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaBlock(config) for _ in range(config.num_hidden_layers))
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config.dim_per_head, config.rope_theta, config.rope_scaling,
+                                      config.max_position_embeddings)
+        self.apply(self._init_weights)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, 0.0, self.config.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @property
+    def max_context(self) -> int | None:
+        # RoPE has no hard limit; dynamic/llama3 scaling exist to go beyond the trained length
+        return None
+
+    def make_cache(self, batch_size: int, max_length: int) -> KVCache:
+        cfg = self.config
+        return KVCache(cfg.num_hidden_layers, batch_size, cfg.kv_heads, cfg.dim_per_head, max_length,
+                       self.embed_tokens.weight.dtype, self.device)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, cache: KVCache | None = None,
+                use_cache: bool = False) -> CausalLMOutput:
+        if use_cache and cache is None:
+            cache = self.make_cache(input_ids.shape[0], self.config.max_position_embeddings)
+        past = cache.length if cache is not None else 0
+        q_len = input_ids.shape[1]
+        if cache is not None and past + q_len > cache.max_length:
+            raise SLMError(f"the KV cache holds {cache.max_length} tokens; make a larger one with make_cache")
+        positions = positions_from_mask(attention_mask, past, q_len, input_ids.device)
+        rotary = self.rotary.rotary_for(positions)
+        bias = attention_bias(q_len, past, attention_mask, self.config.sliding_window, input_ids.device)
+        x = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, bias, rotary, cache, i)
+        if cache is not None:
+            cache.advance(q_len)
+        logits = self.lm_head(self.norm(x))
+        loss = shifted_labels_loss(logits, labels) if labels is not None else None
+        return CausalLMOutput(logits=logits, loss=loss, cache=cache)

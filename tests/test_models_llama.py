@@ -1,0 +1,97 @@
+"""llama family: RoPE scalings, GQA/MQA/MHA, sliding window, cache, presets."""
+
+import math
+
+import pytest
+import torch
+
+from simplified_slm import SLMError
+from simplified_slm.layers.rope import RotaryEmbedding, rope_inverse_frequencies
+from simplified_slm.models import CausalLM, config_from_dict
+from simplified_slm.models.llama import LLAMA3_ROPE, LlamaConfig, LlamaForCausalLM
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig.preset("tiny", vocab_size=97, **kw)).eval()
+
+
+def test_llama_3_2_1b_preset_has_1_23b_parameters():
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig.preset("llama-3.2-1b"))
+    assert model.num_parameters() == 1_235_814_400
+
+
+def test_llama3_frequencies_follow_the_published_rule():
+    base = rope_inverse_frequencies(64, 500000.0)
+    scaled = rope_inverse_frequencies(64, 500000.0, LLAMA3_ROPE)
+    wavelen = 2 * math.pi / base
+    high, low = 8192 / 4.0, 8192 / 1.0
+    assert torch.equal(scaled[wavelen < high], base[wavelen < high])           # short: unchanged
+    assert torch.allclose(scaled[wavelen > low], base[wavelen > low] / 32.0)   # long: / factor
+    mid = (wavelen >= high) & (wavelen <= low)
+    assert mid.any()
+    assert ((scaled[mid] <= base[mid]) & (scaled[mid] >= base[mid] / 32.0)).all()
+
+
+def test_linear_and_dynamic_scaling():
+    base = rope_inverse_frequencies(32, 10000.0)
+    assert torch.allclose(rope_inverse_frequencies(32, 10000.0, {"rope_type": "linear", "factor": 4.0}), base / 4)
+    dyn = {"rope_type": "dynamic", "factor": 2.0}
+    assert torch.equal(rope_inverse_frequencies(32, 10000.0, dyn, 128, seq_len=100), base)  # within context
+    longer = rope_inverse_frequencies(32, 10000.0, dyn, 128, seq_len=512)
+    assert (longer[1:] < base[1:]).all()  # larger base -> lower frequencies beyond the context
+
+
+def test_rotation_preserves_norms_and_relative_positions():
+    rope = RotaryEmbedding(16)
+    q, k = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)
+    dots = []
+    for shift in (0, 5, 40):
+        rq, _ = rope(q, k, torch.tensor([[3 + shift]]))
+        _, rk = rope(q, k, torch.tensor([[1 + shift]]))
+        dots.append((rq * rk).sum())
+        assert torch.allclose(rq.norm(), q.norm(), atol=1e-5)
+    assert torch.allclose(dots[0], dots[1], atol=1e-4) and torch.allclose(dots[0], dots[2], atol=1e-4)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_gqa_variants_cache_equivalence(kv_heads):
+    model = tiny(num_key_value_heads=kv_heads)
+    prompt = torch.randint(0, 97, (2, 7))
+    assert torch.equal(model.generate(prompt, 25, greedy=True), model.generate(prompt, 25, greedy=True, use_cache=False))
+
+
+def test_sliding_window_limits_attention():
+    model = tiny(sliding_window=4)
+    ids = torch.randint(0, 97, (1, 20))
+    changed = ids.clone()
+    changed[0, 2] = (ids[0, 2] + 1) % 97
+    a, b = model(ids).logits, model(changed).logits
+    # with 2 layers and window 4, position 2 reaches at most position 2 + 2 * 3 = 8
+    assert not torch.allclose(a[0, 2:9], b[0, 2:9])
+    assert torch.allclose(a[0, 9:], b[0, 9:], atol=1e-6)
+    prompt = ids[:, :6]
+    assert torch.equal(model.generate(prompt, 20, greedy=True), model.generate(prompt, 20, greedy=True, use_cache=False))
+
+
+def test_left_padding_and_save_load(tmp_path):
+    model = tiny()
+    a, b = torch.randint(0, 97, (1, 9)), torch.randint(0, 97, (1, 4))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 5, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :5] = 0
+    out = model.generate(batch, 10, greedy=True, attention_mask=mask)
+    assert torch.equal(out[1, 5:], model.generate(b, 10, greedy=True)[0])
+    model.save_pretrained(tmp_path)
+    loaded = CausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded(a).logits, model(a).logits)
+
+
+def test_config_errors():
+    with pytest.raises(SLMError, match="num_key_value_heads"):
+        LlamaConfig(num_attention_heads=8, num_key_value_heads=3)
+    with pytest.raises(SLMError, match="rope_type"):
+        config_from_dict({"family": "llama", "rope_scaling": {"rope_type": "yarnish", "factor": 2}})
+    with pytest.raises(SLMError, match="needs"):
+        config_from_dict({"family": "llama", "rope_scaling": {"rope_type": "llama3", "factor": 8}})
