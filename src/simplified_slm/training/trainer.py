@@ -27,6 +27,7 @@ from simplified_slm.training.checkpoint import CheckpointManager, load_training_
 from simplified_slm.training.config import ExperimentConfig
 from simplified_slm.training.hooks import ActivationStats, build_hooks
 from simplified_slm.training.loggers import build_loggers
+from simplified_slm.training.monitoring import grad_norms_by_group, ternary_stats
 from simplified_slm.training.optim import build_optimizer, learning_rate
 from simplified_slm.training.run_info import RunLock, new_run_id, write_run_info
 
@@ -199,6 +200,8 @@ class Trainer:
                         aux_total += out.aux_loss.item() / tcfg.grad_accum_steps
                 for hook in update_hooks:
                     hook.apply(model, step)
+                log_now = (step + 1) % tcfg.log_every == 0
+                group_norms = grad_norms_by_group(model) if log_now else {}  # raw, before clipping
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     model.parameters(), tcfg.grad_clip if tcfg.grad_clip else math.inf).item()
                 step += 1
@@ -235,6 +238,9 @@ class Trainer:
                                "train/tokens_per_s": tok_s, "train/tokens": float(step * tokens_per_step)}
                     if aux_total:
                         metrics["train/aux_loss"] = aux_total
+                    metrics.update(group_norms)
+                    metrics.update(ternary_stats(model))
+                    metrics.update(getattr(model, "last_compression", {}))
                     for hook in forward_hooks:
                         metrics.update(hook.metrics())
                     loggers.log(step, metrics)

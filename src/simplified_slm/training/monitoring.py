@@ -1,0 +1,100 @@
+"""Training-time health numbers: ternary code shares of BitLinear weights, grad norms by group.
+
+Both functions return flat `{metric name: float}` dicts ready for `loggers.log`, so the
+trainer can call them at log steps without knowing the model family. A model with no
+BitLinear layers (e.g. `gpt`) simply yields no `ternary/...` metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+
+from simplified_slm.ops.bitnet import BitLinear, ternary_codes
+
+_EMBEDDING_NAMES = ("embed", "wte", "wpe", "tok_emb", "pos_emb")
+_HEAD_NAMES = ("lm_head", "head", "norm", "ln_f", "final_norm")
+
+
+@torch.no_grad()
+def ternary_stats(model: nn.Module) -> dict[str, float]:
+    """Share of -1 / 0 / +1 codes and the weight scale of every BitLinear.
+
+    Names: `ternary/<module path>/neg|zero|pos|scale` (scale multiplies a weight into the
+    integer grid, as in `ops.bitnet`: code = round(w * scale) clipped to [-1, 1]), plus
+    `ternary/all/neg|zero|pos` over all BitLinear weights together (weighted by size) and
+    `ternary/all/scale`, the mean of the per-layer scales. Frozen layers report their
+    stored codes. Shares of one layer sum to 1.
+    """
+    out: dict[str, float] = {}
+    totals = torch.zeros(3, dtype=torch.float64)
+    scales: list[float] = []
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, BitLinear):
+            continue
+        if module.frozen:
+            codes, scale = module.weight_codes, module.weight_scale
+        else:
+            if id(module.weight) in seen:  # a tied weight is counted once in the total
+                continue
+            seen.add(id(module.weight))
+            codes, scale = ternary_codes(module.weight.detach().float())
+        assert codes is not None and scale is not None
+        counts = torch.stack([(codes == v).sum() for v in (-1, 0, 1)]).double().cpu()
+        share = counts / max(1, codes.numel())
+        prefix = f"ternary/{name or 'root'}"
+        out[f"{prefix}/neg"], out[f"{prefix}/zero"], out[f"{prefix}/pos"] = (float(s) for s in share)
+        out[f"{prefix}/scale"] = float(scale)
+        totals += counts
+        scales.append(float(scale))
+    if scales:
+        share = totals / totals.sum().clamp(min=1)
+        out["ternary/all/neg"], out["ternary/all/zero"], out["ternary/all/pos"] = (float(s) for s in share)
+        out["ternary/all/scale"] = sum(scales) / len(scales)
+    return out
+
+
+def parameter_group(name: str) -> str:
+    """Top-level group of a parameter name: embeddings, layer<i>, head, or its first part.
+
+    `layers.3.attn.q_proj.weight` -> `layer3`; `embed_tokens.weight` -> `embeddings`;
+    `lm_head.weight` and the final `norm.weight` -> `head`; anything else (e.g.
+    `lower_bounds`) keeps its top-level name.
+    """
+    match = re.match(r"^(?:model\.)?(?:layers|blocks|h)\.(\d+)\.", name)
+    if match:
+        return f"layer{match.group(1)}"
+    top = name.split(".", 1)[0]
+    if top.startswith(_EMBEDDING_NAMES) or top in ("embeddings", "embedding"):
+        return "embeddings"
+    if top in _HEAD_NAMES:
+        return "head"
+    return top
+
+
+@torch.no_grad()
+def grad_norms_by_group(model: nn.Module) -> dict[str, float]:
+    """L2 norm of the gradients, overall (`grad_norm/global`) and per `parameter_group`.
+
+    The global value equals what `torch.nn.utils.clip_grad_norm_(model.parameters(), ...)`
+    returns for the same gradients, so call this before clipping to see the raw norms.
+    Parameters without a gradient are skipped; a tied weight counts once.
+    """
+    squares: dict[str, float] = {}
+    seen: set[int] = set()
+    for name, param in model.named_parameters():
+        if param.grad is None or id(param) in seen:
+            continue
+        seen.add(id(param))
+        value = float(torch.linalg.vector_norm(param.grad.detach().float())) ** 2
+        group = parameter_group(name)
+        squares[group] = squares.get(group, 0.0) + value
+    if not squares:
+        return {}
+    out = {"grad_norm/global": math.sqrt(sum(squares.values()))}
+    out.update({f"grad_norm/{group}": math.sqrt(v) for group, v in squares.items()})
+    return out
