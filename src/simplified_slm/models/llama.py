@@ -92,14 +92,23 @@ class LlamaConfig(ModelConfig):
 
 
 class LlamaBlock(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    """Pre-norm block. `linear`, `sub_norm` and `activation` let BitNet reuse it unchanged:
+    BitLinear projections, SubLN before o_proj / down_proj, squared-ReLU gates."""
+
+    def __init__(self, config: LlamaConfig, linear=nn.Linear, sub_norm: bool = False,
+                 activation: str = "silu") -> None:
         super().__init__()
-        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        eps = config.rms_norm_eps
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=eps)
+        attn_width = config.num_attention_heads * config.dim_per_head
         self.self_attn = CausalSelfAttention(config.hidden_size, config.num_attention_heads, config.kv_heads,
                                              config.dim_per_head, bias=config.attention_bias,
-                                             dropout=config.attention_dropout)
-        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, bias=False, activation="silu")
+                                             dropout=config.attention_dropout, linear=linear,
+                                             output_norm=nn.RMSNorm(attn_width, eps=eps) if sub_norm else None)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=eps)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, bias=False, activation=activation,
+                            linear=linear,
+                            inner_norm=nn.RMSNorm(config.intermediate_size, eps=eps) if sub_norm else None)
 
     def forward(self, x: torch.Tensor, bias: AttentionBias, rotary, cache: KVCache | None, layer: int) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), bias, rotary=rotary, cache=cache, layer=layer)
@@ -112,7 +121,7 @@ class LlamaForCausalLM(CausalLM):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaBlock(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(self.make_block(config) for _ in range(config.num_hidden_layers))
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config.dim_per_head, config.rope_theta, config.rope_scaling,
@@ -121,8 +130,11 @@ class LlamaForCausalLM(CausalLM):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
+    def make_block(self, config: LlamaConfig) -> nn.Module:
+        return LlamaBlock(config)
+
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight is not None:
             nn.init.normal_(module.weight, 0.0, self.config.initializer_range)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)

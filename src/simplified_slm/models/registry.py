@@ -11,6 +11,7 @@ from typing import Any
 from simplified_slm.errors import SLMError
 from simplified_slm.models.base import CausalLM
 from simplified_slm.models.config import ModelConfig
+from simplified_slm.models.bitnet import BitNetConfig, BitNetForCausalLM
 from simplified_slm.models.gpt import GPTConfig, GPTForCausalLM
 from simplified_slm.models.hgrn_bit import SimplifiedSLMConfig, SimplifiedSLMForCausalLM
 from simplified_slm.models.llama import LlamaConfig, LlamaForCausalLM
@@ -19,6 +20,7 @@ _FAMILIES: dict[str, tuple[type[ModelConfig], type[CausalLM]]] = {
     "gpt": (GPTConfig, GPTForCausalLM),
     "hgrn_bit": (SimplifiedSLMConfig, SimplifiedSLMForCausalLM),
     "llama": (LlamaConfig, LlamaForCausalLM),
+    "bitnet": (BitNetConfig, BitNetForCausalLM),
 }
 
 

@@ -198,5 +198,6 @@ class BitLinear(nn.Linear):
             y = y.reshape(*x.shape[:-1], self.out_features) / (x_scale.float() * self.weight_scale.float())
             y = y.to(x.dtype)
         else:
-            y = F.linear(activation_quant(x), self.weight_codes.to(x.dtype)) / self.weight_scale
+            # same operation order as the fake-quant forward, so the two agree bit for bit
+            y = F.linear(activation_quant(x), self.weight_codes.to(x.dtype) / self.weight_scale)
         return y if self.bias is None else y + self.bias
