@@ -1,6 +1,5 @@
 """Shared fixtures: a tiny but real experiment config on the bundled tiny shakespeare."""
 
-import os
 import sys
 from pathlib import Path
 
@@ -9,7 +8,9 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The test models are tiny: one thread avoids OpenMP overhead and contention with the
+# training subprocesses some tests start.
+torch.set_num_threads(1)
 
 
 def tiny_experiment(output_dir: Path, **train_overrides) -> dict:

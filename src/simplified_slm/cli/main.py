@@ -87,7 +87,8 @@ def _load_model(path: str | None, device: str):
     if tokenizer.vocab_size > model.config.vocab_size:
         raise SLMError(f"tokenizer in {path} has {tokenizer.vocab_size} ids but the model only "
                        f"{model.config.vocab_size}; they do not belong together")
-    torch.set_grad_enabled(False)
+    for param in model.parameters():  # inference only; no process-wide autograd switch
+        param.requires_grad_(False)
     return model, tokenizer
 
 

@@ -6,6 +6,7 @@ import json
 import time
 
 from simplified_slm.data import load_prepared
+from simplified_slm.evaluation.analysis import analyze_after_run
 from simplified_slm.evaluation.evaluator import evaluate_model
 from simplified_slm.models.base import CausalLM
 from simplified_slm.tokenizers import load_tokenizer
@@ -38,4 +39,5 @@ def run_pipeline(cfg: ExperimentConfig, resume: str | None = None) -> int:
     for i, sample in enumerate(report["samples"], 1):
         print(f"--- sample {i} ---\n{sample['text']}")
     print(f"\nreport: {result.run_dir / 'eval.json'}")
+    analyze_after_run(result.run_dir, print)
     return 0
