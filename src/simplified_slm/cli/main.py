@@ -64,8 +64,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def _load_model(path: str | None, device: str):
     """Model + tokenizer from a checkpoint/model folder (or the newest run's best checkpoint)."""
-    import torch
-
     from simplified_slm.models.base import CausalLM
     from simplified_slm.tokenizers import load_tokenizer
     from simplified_slm.training.trainer import resolve_device
@@ -154,6 +152,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_boundaries(args: argparse.Namespace) -> int:
+    from simplified_slm.models.hnet_bit import boundary_report
+
+    model, tokenizer = _load_model(args.checkpoint, args.device)
+    if args.text is not None:
+        text = args.text
+    else:
+        from simplified_slm.data import DataConfig, validation_documents
+
+        docs, _ = validation_documents(DataConfig(dataset=args.dataset))
+        text = "".join(d.text for d in docs)[:args.max_chars]
+    report = boundary_report(model, tokenizer, text)
+    print(report.marked)
+    print(f"\n{report.summary()}", file=sys.stderr)
+    return 0
+
+
 def cmd_tokenizer(args: argparse.Namespace) -> int:
     from simplified_slm.data import read_documents
     from simplified_slm.tokenizers import TokenizerConfig, build_tokenizer
@@ -210,6 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "hf: a transformers folder (gpt -> GPT2LMHeadModel, llama -> LlamaForCausalLM)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("boundaries", help="show an hnet_bit model's learned chunk boundaries ('|') on text")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--text", help="text to chunk (default: the start of the dataset's validation split)")
+    p.add_argument("--dataset", default="tinystories")
+    p.add_argument("--max_chars", type=int, default=600)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_boundaries)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)

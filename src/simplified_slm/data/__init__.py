@@ -16,6 +16,7 @@ from simplified_slm.data.prepare import (
     prepare_dataset,
     split_documents,
     token_dtype,
+    validation_documents,
 )
 from simplified_slm.data.sampler import SAMPLER_MODES, BatchSampler, iter_eval_batches
 
@@ -36,4 +37,5 @@ __all__ = [
     "read_documents",
     "split_documents",
     "token_dtype",
+    "validation_documents",
 ]

@@ -166,21 +166,37 @@ def _cap_bytes(documents: list[Document], max_bytes: int) -> list[Document]:
     return kept
 
 
+def _sources(cfg: DataConfig) -> tuple[str, str | None]:
+    """Training source and the explicit validation source (None: carve val from train)."""
+    if cfg.train_file is not None:
+        return cfg.train_file, cfg.val_file
+    assert cfg.dataset is not None  # DataConfig.validate guarantees one source
+    builtin = builtin_dataset(cfg.dataset)
+    return cfg.dataset, (str(builtin.valid) if builtin and builtin.valid else None)
+
+
+def _read(source: str, cfg: DataConfig) -> list[Document]:
+    return list(read_documents(source, text_field=cfg.text_field, extensions=cfg.extensions,
+                               on_error=cfg.on_error))
+
+
 def _load_splits(cfg: DataConfig) -> tuple[list[Document], list[Document], str]:
     """Train and val documents plus a note on where val came from (for meta.json)."""
-    options = dict(text_field=cfg.text_field, extensions=cfg.extensions, on_error=cfg.on_error)
-    if cfg.train_file is not None:
-        train_source, val_source = cfg.train_file, cfg.val_file
-    else:
-        assert cfg.dataset is not None  # DataConfig.validate guarantees one source
-        builtin = builtin_dataset(cfg.dataset)
-        train_source = cfg.dataset
-        val_source = str(builtin.valid) if builtin and builtin.valid else None
-    train = list(read_documents(train_source, **options))
+    train_source, val_source = _sources(cfg)
+    train = _read(train_source, cfg)
     if val_source is not None:
-        return train, list(read_documents(val_source, **options)), str(val_source)
+        return train, _read(val_source, cfg), str(val_source)
     train, val = split_documents(train, cfg.val_fraction)
     return train, val, f"last {cfg.val_fraction:g} of {train_source}"
+
+
+def validation_documents(cfg: DataConfig) -> tuple[list[Document], str]:
+    """The validation documents `prepare_dataset` uses for `cfg`, and where they came from."""
+    train_source, val_source = _sources(cfg)
+    if val_source is not None:
+        return _read(val_source, cfg), str(val_source)
+    _, val = split_documents(_read(train_source, cfg), cfg.val_fraction)
+    return val, f"last {cfg.val_fraction:g} of {train_source}"
 
 
 def _digest(documents: Sequence[Document]) -> tuple[str, int]:

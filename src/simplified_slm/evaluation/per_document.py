@@ -24,7 +24,7 @@ from typing import Any, Iterable, Literal, Sequence
 import numpy as np
 import torch
 
-from simplified_slm.data import DataConfig, Document, builtin_dataset, read_documents, split_documents
+from simplified_slm.data import DataConfig, Document, validation_documents
 from simplified_slm.errors import SLMError
 from simplified_slm.models.base import CausalLM
 from simplified_slm.tokenizers import Tokenizer
@@ -39,26 +39,6 @@ class DocumentScore:
     nats: float  # summed next-token loss over the document's targets
     bytes: int  # UTF-8 bytes of those targets
     tokens: int  # number of targets
-
-
-def validation_documents(cfg: DataConfig) -> tuple[list[Document], str]:
-    """The validation documents `prepare_dataset` would use for `cfg`, and where they came from.
-
-    Same rule as `prepare_dataset`: an explicit val_file, else a built-in's own validation
-    file, else the last `val_fraction` of the training text (`split_documents`).
-    """
-    options = dict(text_field=cfg.text_field, extensions=cfg.extensions, on_error=cfg.on_error)
-    if cfg.train_file is not None:
-        train_source, val_source = cfg.train_file, cfg.val_file
-    else:
-        assert cfg.dataset is not None
-        builtin = builtin_dataset(cfg.dataset)
-        train_source = cfg.dataset
-        val_source = str(builtin.valid) if builtin and builtin.valid else None
-    if val_source is not None:
-        return list(read_documents(val_source, **options)), str(val_source)
-    _, val = split_documents(list(read_documents(train_source, **options)), cfg.val_fraction)
-    return val, f"last {cfg.val_fraction:g} of {train_source}"
 
 
 def split_units(documents: Iterable[Document], unit: Unit = "paragraph") -> list[Document]:

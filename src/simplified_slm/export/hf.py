@@ -17,7 +17,7 @@ import torch
 
 from simplified_slm.errors import SLMError
 from simplified_slm.models.base import CausalLM
-from simplified_slm.models.gpt import GPTConfig, GPTForCausalLM
+from simplified_slm.models.gpt import GPTForCausalLM
 from simplified_slm.models.llama import LlamaConfig, LlamaForCausalLM
 
 
