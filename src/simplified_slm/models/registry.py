@@ -14,11 +14,13 @@ from simplified_slm.models.config import ModelConfig
 from simplified_slm.models.bitnet import BitNetConfig, BitNetForCausalLM
 from simplified_slm.models.gpt import GPTConfig, GPTForCausalLM
 from simplified_slm.models.hgrn_bit import SimplifiedSLMConfig, SimplifiedSLMForCausalLM
+from simplified_slm.models.hnet_bit import HNetBitConfig, HNetBitForCausalLM
 from simplified_slm.models.llama import LlamaConfig, LlamaForCausalLM
 
 _FAMILIES: dict[str, tuple[type[ModelConfig], type[CausalLM]]] = {
     "gpt": (GPTConfig, GPTForCausalLM),
     "hgrn_bit": (SimplifiedSLMConfig, SimplifiedSLMForCausalLM),
+    "hnet_bit": (HNetBitConfig, HNetBitForCausalLM),
     "llama": (LlamaConfig, LlamaForCausalLM),
     "bitnet": (BitNetConfig, BitNetForCausalLM),
 }

@@ -11,7 +11,7 @@ Modeling", section 2.2:
   thresholds and its STE gradient is too coarse to move cosines around 0), and identity
   initialisation (p_t = dissimilarity of consecutive encoder outputs) is not representable
   by BitLinear's input RMSNorm + absmean scale. It is 2 d^2 weights per stage, a small
-  fraction of the model; the cosine is computed in float32.
+  fraction of the model; the cosine is computed in (at least) float32, outside autocast.
 - downsample: the boundary positions of every row, gathered into a padded tensor.
 - dechunk: EMA over chunks z̄_k = P_k ẑ_k + (1 - P_k) z̄_{k-1}, P clamped to
   [1e-4, 1 - 1e-4], run with the project's HGRN scan (f = 1 - P, i = P ẑ), then upsampled
@@ -48,9 +48,9 @@ P_MIN = 1e-4  # EMA probabilities are clamped to [P_MIN, 1 - P_MIN]
 
 
 class Routing(NamedTuple):
-    prob: torch.Tensor      # (B, T) float32 boundary probability p_t (0 at masked positions)
+    prob: torch.Tensor      # (B, T) boundary probability p_t (0 at masked positions), >= float32
     boundary: torch.Tensor  # (B, T) bool b_t = p_t >= 0.5 (False at masked positions)
-    key: torch.Tensor       # (B, T, D) float32 k_t, the last one continues a sequence
+    key: torch.Tensor       # (B, T, D) normalised k_t (>= float32); the last continues a sequence
 
 
 class Chunks(NamedTuple):
@@ -82,9 +82,11 @@ class RoutingModule(nn.Module):
         sequence (decoding); without it the first position (or the first real one under
         `mask`) is a boundary with p = 1.
         """
-        x32 = x.float()
-        q = F.normalize(F.linear(x32, self.q_proj.weight.float()), dim=-1, eps=1e-6)
-        k = F.normalize(F.linear(x32, self.k_proj.weight.float()), dim=-1, eps=1e-6)
+        dtype = torch.promote_types(x.dtype, torch.float32)  # at least float32 under autocast
+        with torch.autocast(x.device.type, enabled=False):
+            xf = x.to(dtype)
+            q = F.normalize(F.linear(xf, self.q_proj.weight.to(dtype)), dim=-1, eps=1e-6)
+            k = F.normalize(F.linear(xf, self.k_proj.weight.to(dtype)), dim=-1, eps=1e-6)
         if prev_key is None:
             prev = F.pad(k[:, :-1], (0, 0, 1, 0))
         else:
@@ -128,22 +130,25 @@ def ema_dechunk(z: torch.Tensor, prob: torch.Tensor, mask: torch.Tensor | None =
     z (B, L, D) main-network outputs per chunk, prob (B, L) the boundary probability of
     each chunk's first position (clamped here), mask (B, L) real chunks: padded slots add
     nothing, so with right-aligned chunks the state stays at `initial_state` (zero) until a
-    row's first chunk. Returns (z̄ in z's dtype, final state (B, D) float32 or None).
+    row's first chunk. Computed in at least float32; returns (z̄ in z's dtype, final state
+    (B, D) or None).
     """
-    p = prob.float().clamp(P_MIN, 1 - P_MIN)[..., None]
-    i = p * z.float()
+    dtype = torch.promote_types(z.dtype, torch.float32)  # at least float32 (bf16 autocast)
+    p = prob.to(dtype).clamp(P_MIN, 1 - P_MIN)[..., None]
+    i = p * z.to(dtype)
     if mask is not None:
-        i = i * mask[..., None].to(i.dtype)
+        i = i * mask[..., None].to(dtype)
     f = (1 - p).expand_as(i).contiguous()
-    h0 = initial_state.float() if initial_state is not None else None
+    h0 = initial_state.to(dtype) if initial_state is not None else None
     smoothed, final = chunk_hgrn(i, f, h0, output_final_state)
     return smoothed.to(z.dtype), final
 
 
 def ema_step(state: torch.Tensor | None, z: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
     """One EMA step for decoding: state (N, D) or None (zeros), z (N, D), prob (N,)."""
-    p = prob.float().clamp(P_MIN, 1 - P_MIN)[:, None]
-    i = p * z.float()
+    dtype = torch.promote_types(z.dtype, torch.float32)
+    p = prob.to(dtype).clamp(P_MIN, 1 - P_MIN)[:, None]
+    i = p * z.to(dtype)
     if state is None:
         return i
     return (1 - p) * state + i  # multiply then add, like the scan's sequential steps
