@@ -22,11 +22,11 @@ def _compare(ours, directory, vocab):
     return hf
 
 
-@pytest.mark.parametrize("bias,tied", [(True, True), (False, False)])
-def test_gpt_exports_as_gpt2(tmp_path, bias, tied):
+@pytest.mark.parametrize("bias,tied,act", [(True, True, "gelu_tanh"), (False, False, "gelu")])
+def test_gpt_exports_as_gpt2(tmp_path, bias, tied, act):
     torch.manual_seed(0)
     model = build_model(GPTConfig(vocab_size=80, n_layers=2, d_model=32, n_heads=4, context_length=64,
-                                  dropout=0.0, bias=bias, tie_embeddings=tied,
+                                  dropout=0.0, bias=bias, tie_embeddings=tied, activation=act,
                                   init_std=0.3)).eval()  # well-separated logits: greedy ties are unlikely
     export_hf(model, tmp_path)
     hf = _compare(model, tmp_path, 80)

@@ -59,7 +59,7 @@ def _gpt2_model(model: GPTForCausalLM):
     cfg = model.config
     hf_cfg = tf.GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.d_model,
                            n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.intermediate_size,
-                           activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                           activation_function="gelu_new" if cfg.activation == "gelu_tanh" else "gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                            layer_norm_epsilon=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
                            bos_token_id=None, eos_token_id=None)
     hf = tf.GPT2LMHeadModel(hf_cfg)

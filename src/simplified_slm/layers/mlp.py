@@ -15,15 +15,19 @@ LinearFactory = Callable[..., nn.Module]
 
 
 class GeluMLP(nn.Module):
+    """GPT MLP. `approximate="tanh"` is GPT-2's GELU; "none" (exact) is nanoGPT's and is
+    several times faster on CPU in this torch build."""
+
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = True,
-                 dropout: float = 0.0, linear: LinearFactory = nn.Linear) -> None:
+                 dropout: float = 0.0, linear: LinearFactory = nn.Linear, approximate: str = "tanh") -> None:
         super().__init__()
         self.up_proj = linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = linear(intermediate_size, hidden_size, bias=bias)
         self.dropout = nn.Dropout(dropout)
+        self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down_proj(F.gelu(self.up_proj(x), approximate="tanh")))
+        return self.dropout(self.down_proj(F.gelu(self.up_proj(x), approximate=self.approximate)))
 
 
 class GatedMLP(nn.Module):

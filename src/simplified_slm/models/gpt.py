@@ -30,7 +30,8 @@ class GPTConfig(ModelConfig):
         "base": dict(n_layers=6, d_model=384, n_heads=6, context_length=256),
         "large": dict(n_layers=12, d_model=768, n_heads=12, context_length=1024),
         # nanoGPT's CPU recipe for tiny shakespeare (char level)
-        "nanogpt-cpu": dict(n_layers=4, d_model=128, n_heads=4, context_length=64, dropout=0.0),
+        "nanogpt-cpu": dict(n_layers=4, d_model=128, n_heads=4, context_length=64, dropout=0.0, bias=False,
+                            activation="gelu"),
     }
 
     vocab_size: int = 256
@@ -41,6 +42,7 @@ class GPTConfig(ModelConfig):
     context_length: int = 256
     dropout: float = 0.1
     bias: bool = True
+    activation: str = "gelu_tanh"  # gelu_tanh (GPT-2) or gelu (exact, nanoGPT; faster on CPU)
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -54,6 +56,8 @@ class GPTConfig(ModelConfig):
             self._fail("n_heads", f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if not 0.0 <= self.dropout < 1.0:
             self._fail("dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.activation not in ("gelu", "gelu_tanh"):
+            self._fail("activation", f"{self.activation!r} is not 'gelu' or 'gelu_tanh'")
         if self.d_ff is not None and self.d_ff < 1:
             self._fail("d_ff", f"must be positive, got {self.d_ff}")
 
@@ -68,7 +72,8 @@ class GPTBlock(nn.Module):
         self.ln_1 = make_norm("layernorm", config.d_model, config.norm_eps, bias=config.bias)
         self.attn = CausalSelfAttention(config.d_model, config.n_heads, bias=config.bias, dropout=config.dropout)
         self.ln_2 = make_norm("layernorm", config.d_model, config.norm_eps, bias=config.bias)
-        self.mlp = GeluMLP(config.d_model, config.intermediate_size, bias=config.bias, dropout=config.dropout)
+        self.mlp = GeluMLP(config.d_model, config.intermediate_size, bias=config.bias, dropout=config.dropout,
+                           approximate="tanh" if config.activation == "gelu_tanh" else "none")
 
     def forward(self, x: torch.Tensor, bias, cache: KVCache | None, layer: int) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), bias, cache=cache, layer=layer)

@@ -129,6 +129,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, str):  # YAML 1.1 reads 3e-3 as a string; users mean the number
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         node = data
         parts = dotted.split(".")
         for part in parts[:-1]:
