@@ -63,7 +63,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise SLMError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return dict(value)
+        key_tp, value_tp = (typing.get_args(tp) or (Any, Any))[:2]
+        out = {}
+        for key, item in value.items():
+            if key_tp is str and not isinstance(key, str):
+                raise SLMError(f"{where}: key {key!r} must be a string")
+            out[key] = _check_json(item, f"{where}.{key}") if value_tp is Any else _coerce(item, value_tp,
+                                                                                         f"{where}.{key}")
+        return out
     if isinstance(tp, type) and issubclass(tp, ConfigBase):
         if isinstance(value, tp):
             return value
@@ -89,6 +96,26 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise SLMError(f"{where}: expected a string, got {value!r}")
         return value
     return value
+
+
+def _check_json(value: Any, where: str, _open: frozenset[int] = frozenset()) -> Any:
+    """Free-form config values (`dict[str, Any]`, whole config files) must be plain JSON
+    data: configs are hashed and stored as JSON in run.json and checkpoints, so a YAML date,
+    a non-string key or a self-referencing YAML alias would otherwise fail later, mid-run."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple, dict)):
+        if id(value) in _open:
+            raise SLMError(f"{where}: the value contains itself (a recursive YAML alias)")
+        inner = _open | {id(value)}
+        if isinstance(value, dict):
+            for key in value:
+                if not isinstance(key, str):
+                    raise SLMError(f"{where}: key {key!r} must be a string")
+            return {k: _check_json(v, f"{where}.{k}", inner) for k, v in value.items()}
+        return [_check_json(v, f"{where}[{i}]", inner) for i, v in enumerate(value)]
+    raise SLMError(f"{where}: {str(value)[:60]!r} is a {type(value).__name__}; use a number, string, true/false, "
+                   "list or mapping (quote dates and other YAML types)")
 
 
 @dataclasses.dataclass
@@ -123,7 +150,7 @@ class ConfigBase:
             if key not in names:
                 close = difflib.get_close_matches(str(key), names, n=1)
                 hint = f"did you mean '{close[0]}'? " if close else ""
-                raise SLMError(f"{where}: unknown key '{key}'; {hint}valid keys: {', '.join(names)}")
+                raise SLMError(f"{where}: unknown key {key!r}; {hint}valid keys: {', '.join(names)}")
         try:
             return cls(**data)
         except TypeError as err:  # a required field is missing
@@ -169,4 +196,4 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise SLMError(f"cannot parse config {path}: {first}") from None
     if not isinstance(data, dict):
         raise SLMError(f"config {path} must hold a mapping at the top level, got {type(data).__name__}")
-    return data
+    return _check_json(data, f"config {path}")

@@ -5,14 +5,18 @@ model.safetensors, loadable by `from_pretrained`), tokenizer files, the optimize
 the RNG states and `trainer_state.json`, plus `manifest.json` with every file's size and
 SHA-256. It is written under a temporary name and renamed into place (atomic), and the
 `latest` / `best` symlinks are swapped atomically, so a reader sees an old complete
-checkpoint or a new complete one, never half of one. Nothing is unpickled: tensors go
-through safetensors and `torch.load(weights_only=True)`.
+checkpoint or a new complete one, never half of one. Re-saving an existing step moves the
+old folder aside first and back if the process dies in between, so no kill can leave a
+half-deleted `step_*` folder. Nothing is unpickled: tensors go through safetensors and
+`torch.load(weights_only=True)`, and checkpoint files are treated as untrusted input: any
+file that is damaged, mixed up or crafted is refused with an SLMError naming it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -21,6 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from simplified_slm.errors import SLMError
@@ -31,6 +36,9 @@ STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.safetensors"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+ASIDE_DIR = re.compile(r"^\.old-(step_\d{8})-(\d+)$")  # an old step folder moved aside while re-saving
+# what `load_training_files` reads; each must be covered by the manifest
+REQUIRED_FILES = ("model.safetensors", STATE_FILE, OPTIMIZER_FILE, RNG_FILE)
 
 
 def capture_rng() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -69,25 +77,41 @@ def write_manifest(directory: Path) -> None:
     atomic_write_json(directory / MANIFEST, {"files": manifest})
 
 
-def verify_checkpoint(directory: str | Path) -> None:
-    """Raise SLMError naming the first missing, truncated or altered file."""
-    directory = Path(directory)
+def _read_manifest(directory: Path) -> dict[str, tuple[int, str]]:
+    """{file name: (size, sha256)} from the manifest; SLMError if it is missing or malformed."""
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
         raise SLMError(f"checkpoint {directory} has no {MANIFEST}; it is incomplete or not a checkpoint")
     try:
-        files = json.loads(manifest_path.read_text())["files"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+        files = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
+        entries = {name: (info["size"], info["sha256"]) for name, info in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):  # bad JSON, wrong shape
         raise SLMError(f"{manifest_path} is corrupt; the checkpoint cannot be trusted") from None
-    for name, info in files.items():
+    for name, (size, digest) in entries.items():
+        # a manifest is untrusted input too: only plain file names inside this folder
+        if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name
+                or "\x00" in name or isinstance(size, bool) or not isinstance(size, int)
+                or not isinstance(digest, str)):
+            raise SLMError(f"{manifest_path} is corrupt (bad entry {str(name)[:60]!r}); "
+                           "the checkpoint cannot be trusted")
+    return entries
+
+
+def verify_checkpoint(directory: str | Path) -> None:
+    """Raise SLMError naming the first missing, truncated or altered file."""
+    directory = Path(directory)
+    for name, (size, digest) in _read_manifest(directory).items():
         path = directory / name
-        if not path.is_file():
-            raise SLMError(f"checkpoint file {path} is missing")
-        if path.stat().st_size != info["size"]:
-            raise SLMError(f"checkpoint file {path} has {path.stat().st_size} bytes, expected {info['size']} "
-                           "(truncated or replaced)")
-        if sha256_file(path) != info["sha256"]:
-            raise SLMError(f"checkpoint file {path} fails its SHA-256 check (corrupted or mixed up)")
+        try:
+            if not path.is_file():
+                raise SLMError(f"checkpoint file {path} is missing")
+            if path.stat().st_size != size:
+                raise SLMError(f"checkpoint file {path} has {path.stat().st_size} bytes, expected {size} "
+                               "(truncated or replaced)")
+            if sha256_file(path) != digest:
+                raise SLMError(f"checkpoint file {path} fails its SHA-256 check (corrupted or mixed up)")
+        except OSError as err:  # unreadable: permissions, I/O error on a failing disk
+            raise SLMError(f"checkpoint file {path} cannot be read ({err.strerror or err})") from None
 
 
 class CheckpointManager:
@@ -106,9 +130,30 @@ class CheckpointManager:
         return sorted(dirs, key=lambda p: p.name, reverse=True)
 
     def save(self, step: int, write_files: Callable[[Path], None], best: bool = False) -> Path:
-        """Write a checkpoint for `step`; `write_files(tmp_dir)` fills the folder."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Write a checkpoint for `step`; `write_files(tmp_dir)` fills the folder.
+
+        A failing disk (full, read-only, I/O error) raises SLMError naming the checkpoint and
+        the cause; the checkpoints already there stay intact and no temporary folder is left.
+        """
         final = self.root / f"step_{step:08d}"
+        try:
+            self._recover()
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._write(final, write_files)
+            self._point("latest", final)
+            if best:
+                self._point("best", final)
+            self._prune()
+        except (OSError, RuntimeError, SafetensorError) as err:
+            # OSError from Python writes; safetensors and torch.save report the same disk
+            # errors as SafetensorError / RuntimeError ("file write failed", "unexpected pos")
+            detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise SLMError(f"could not write checkpoint {final.name} in {self.root}: {detail}"
+                           f"{_free_space(self.root)}; free disk space or fix the folder's permissions "
+                           "(the checkpoints already there are intact; resume with --resume auto)") from err
+        return final
+
+    def _write(self, final: Path, write_files: Callable[[Path], None]) -> None:
         tmp = self.root / f".tmp-{final.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -119,18 +164,49 @@ class CheckpointManager:
                     os.fsync(fh.fileno())
             write_manifest(tmp)
             fsync_dir(tmp)
-            if final.exists():  # re-saving the same step (e.g. signal right after a periodic save)
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            fsync_dir(self.root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self._point("latest", final)
-        if best:
-            self._point("best", final)
-        self._prune()
-        return final
+        if not final.exists():
+            try:
+                os.rename(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            fsync_dir(self.root)
+            return
+        # Re-saving a step (e.g. resuming a finished run, or replacing a corrupt folder):
+        # a directory cannot be replaced atomically, so move the old one aside first. A kill
+        # between the two renames leaves `.old-step_*`, which `_recover` puts back.
+        aside = self.root / f".old-{final.name}-{os.getpid()}"
+        shutil.rmtree(aside, ignore_errors=True)
+        try:
+            os.rename(final, aside)
+            try:
+                os.rename(tmp, final)
+            except BaseException:
+                os.rename(aside, final)
+                raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        fsync_dir(self.root)
+        shutil.rmtree(aside, ignore_errors=True)
+
+    def _recover(self) -> None:
+        """Undo what a process killed in the middle of `_write` left behind."""
+        if not self.root.is_dir():
+            return
+        for entry in self.root.iterdir():
+            match = ASIDE_DIR.match(entry.name)
+            if match is None or not entry.is_dir() or entry.is_symlink():
+                continue
+            final = self.root / match.group(1)
+            if final.exists() or final.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)  # the new folder made it into place
+            else:
+                os.rename(entry, final)  # killed between the two renames: put the old one back
+                fsync_dir(self.root)
 
     def _point(self, name: str, target: Path) -> None:
         link = self.root / name
@@ -144,13 +220,22 @@ class CheckpointManager:
         best = (self.root / "best").resolve() if (self.root / "best").is_symlink() else None
         for old in self.step_dirs()[self.keep:]:
             if best is None or old.resolve() != best:
-                shutil.rmtree(old, ignore_errors=True)
+                # rename first: a kill during the deletion must not leave a half-deleted step_*
+                doomed = self.root / f".trash-{old.name}-{os.getpid()}"
+                os.rename(old, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
+        for stale in self.root.glob(".trash-step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
         for stale in self.root.glob(".tmp-step_*"):
             if not stale.name.endswith(f"-{os.getpid()}"):
                 shutil.rmtree(stale, ignore_errors=True)
+        for stale in self.root.glob(".*.lnk"):  # symlinks of a process killed inside `_point`
+            if not stale.name.endswith(f"-{os.getpid()}.lnk"):
+                stale.unlink(missing_ok=True)
 
     def latest_intact(self) -> Path | None:
         """Newest checkpoint that passes verification, saying which ones were skipped."""
+        self._recover()
         for candidate in self.step_dirs():
             try:
                 verify_checkpoint(candidate)
@@ -170,18 +255,73 @@ def save_training_files(directory: Path, model: torch.nn.Module, tokenizer: Any,
     (directory / STATE_FILE).write_text(json.dumps({**state, "rng": rng_json}) + "\n")
 
 
+def _free_space(directory: Path) -> str:
+    """Free space note: torch.save reports a full disk only as "unexpected pos ..."."""
+    try:
+        free = shutil.disk_usage(directory).free / 2**20
+    except OSError:
+        return ""
+    return f" ({free:.1f} MiB free there{': the disk is full' if free < 1 else ''})"
+
+
+def _first_line(err: BaseException, prefer: str = "") -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    picked = next((line for line in lines if prefer and prefer in line), lines[0])
+    return picked[:200]
+
+
+def _read_state(directory: Path) -> dict[str, Any]:
+    path = directory / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as err:  # unreadable, not UTF-8, not JSON
+        raise SLMError(f"{path} is not a readable trainer state ({_first_line(err)}); "
+                       "the checkpoint is corrupt or was not written by `slm train`") from None
+    valid = (isinstance(state, dict)
+             and isinstance(state.get("step"), int) and not isinstance(state["step"], bool) and state["step"] >= 0
+             and isinstance(state.get("best_val_loss"), (int, float)) and not isinstance(state["best_val_loss"], bool)
+             and isinstance(state.get("run_id"), str) and isinstance(state.get("rng"), dict))
+    if not valid:
+        raise SLMError(f"{path} lacks a valid step, best_val_loss, run_id or rng; the checkpoint is "
+                       "corrupt or was not written by `slm train`")
+    return state
+
+
 def load_training_files(directory: Path, model: torch.nn.Module,
                         optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-    """Load weights, optimizer and RNG from a verified checkpoint; return trainer state."""
+    """Load weights, optimizer and RNG from a verified checkpoint; return trainer state.
+
+    Every file is untrusted input: anything that fails to parse raises SLMError naming it,
+    and optimizer.pt is only read with `weights_only=True`, so a crafted pickle is refused
+    instead of run."""
+    directory = Path(directory)
     verify_checkpoint(directory)
+    listed = _read_manifest(directory)
+    for name in REQUIRED_FILES:
+        if name not in listed:
+            raise SLMError(f"checkpoint {directory}: {name} is not covered by its {MANIFEST}; the checkpoint "
+                           "is incomplete or was not written by `slm train`")
     model.load_weights(directory / "model.safetensors", map_location=model.device)
-    state = json.loads((directory / STATE_FILE).read_text())
+    state = _read_state(directory)
     if optimizer is not None:
+        path = directory / OPTIMIZER_FILE
         try:
-            opt_state = torch.load(directory / OPTIMIZER_FILE, map_location=model.device, weights_only=True)
+            opt_state = torch.load(path, map_location=model.device, weights_only=True)
+        except pickle.UnpicklingError as err:  # weights_only refused a global: never unpickle it
+            raise SLMError(f"{path} holds Python objects other than tensors "
+                           f"({_first_line(err, prefer='GLOBAL')}); refusing to load it, since unpickling "
+                           "it could run code. Use checkpoints you wrote yourself") from None
+        except Exception as err:  # torch.load raises many types on a damaged or foreign file
+            raise SLMError(f"{path} cannot be read ({type(err).__name__}: {_first_line(err)}); the "
+                           "checkpoint is corrupt or was not written by `slm train`") from None
+        try:
             optimizer.load_state_dict(opt_state)
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise SLMError(f"optimizer state in {directory} does not fit this model/optimizer "
-                           f"({str(err).splitlines()[0]}); start a fresh run instead of resuming") from None
-    restore_rng(state.pop("rng"), load_file(str(directory / RNG_FILE)))
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+            raise SLMError(f"optimizer state {directory / OPTIMIZER_FILE} does not fit this model/optimizer "
+                           f"({_first_line(err)}); start a fresh run instead of resuming") from None
+    try:
+        restore_rng(state.pop("rng"), load_file(str(directory / RNG_FILE)))
+    except (SafetensorError, OSError, RuntimeError, ValueError, TypeError, KeyError, IndexError) as err:
+        raise SLMError(f"RNG state in {directory} ({RNG_FILE}, {STATE_FILE}) is invalid "
+                       f"({_first_line(err)}); the checkpoint is corrupt or was not written by `slm train`") from None
     return state
