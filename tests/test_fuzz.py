@@ -2,9 +2,8 @@
 
 The contract under test is the project's error rule: anything a user can get wrong raises
 `SLMError` with a one-line message (the CLI prints it as `error: ...` and exits 2) and
-nothing else escapes, while valid input still works. Known bugs in files outside this
-suite's reach are pinned by `xfail(strict=True)` tests naming the fix; remove the marker
-when the fix lands. Tokenizer round trips are fuzzed in tests/test_tokenizers.py.
+nothing else escapes, while valid input still works. Tokenizer round trips are fuzzed in
+tests/test_tokenizers.py.
 """
 
 from __future__ import annotations
@@ -215,19 +214,14 @@ def test_unhashable_model_values_get_a_message_naming_the_field(data):
     with pytest.raises(SLMError) as err:
         ExperimentConfig.from_dict(data)
     CASES["config: known bad messages"] += 1
-    if "unhashable" in str(err.value) or "not supported between" in str(err.value):
-        pytest.xfail("message leaks a Python TypeError; fix in models/registry.py (_lookup: check "
-                     "isinstance(family, str); config_from_dict: same for preset) and training/config.py "
-                     "(model_config: check isinstance(given, int) before comparing)")
+    assert "unhashable" not in str(err.value) and "not supported between" not in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="models/registry.py: `family not in _FAMILIES` / `preset not in cls.presets` raise "
-                   "TypeError for a list; fix: check isinstance(..., str) first and raise SLMError")
 @pytest.mark.parametrize("data", [{"family": ["gpt"]}, {"family": "gpt", "preset": ["small"]}])
 def test_unhashable_family_or_preset_in_a_model_config_is_an_slm_error(data):
     """config_from_dict parses the config.json of every model folder `slm generate/eval` loads."""
-    config_from_dict(data, where="x/config.json")
+    with pytest.raises(SLMError, match="x/config.json"):
+        config_from_dict(data, where="x/config.json")
 
 
 # ---------------------------------------------------------------------- generation
@@ -275,12 +269,11 @@ def test_any_prompt_completes_or_is_one_clear_error(tiny_models, kind, prompt):
 
 def test_lone_surrogate_prompt_via_the_api_behaviour(tiny_models):
     """A str holding a lone surrogate cannot be encoded as UTF-8. The char tokenizer maps it
-    to <UNK>; the byte tokenizer raises UnicodeEncodeError (a ValueError, not an SLMError):
-    what the CLI does with it is tested below."""
+    to <UNK>; with the byte tokenizer the prompt is refused with a one-line error."""
     _, model, tokenizer = tiny_models["char"]
     assert isinstance(complete(model, tokenizer, "a\udcff", gen_args()), str)
     _, model, tokenizer = tiny_models["byte"]
-    with pytest.raises(UnicodeEncodeError):
+    with pytest.raises(SLMError, match="not valid UTF-8"):
         complete(model, tokenizer, "a\udcff", gen_args())
 
 
@@ -290,10 +283,6 @@ def run_cli(*args: str, stdin: bytes | None = None, env: dict | None = None) -> 
                           capture_output=True, timeout=120)
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeEncodeError,
-                   reason="argv bytes that are not UTF-8 arrive as lone surrogates and ByteTokenizer.encode_ids "
-                   "raises UnicodeEncodeError; fix in cli/generate_cmd.py complete(): catch UnicodeEncodeError "
-                   "-> SLMError (or encode with errors='surrogateescape' to keep the bytes)")
 def test_non_utf8_prompt_argument_is_one_clear_error(tiny_models, capsys):
     prompt = os.fsdecode(b"caf\xe9")  # exactly what Python makes of `slm generate --prompt $'caf\xe9'`
     assert prompt == "caf\udce9"
@@ -307,15 +296,9 @@ def test_bad_sampling_options(tiny_models, capsys, option, value):
     """Sampling options are not validated: these reach torch and fail inside it."""
     CASES["generate: bad sampling options"] += 1
     folder = str(tiny_models["byte"][0])
-    try:
-        code = main(["generate", "--model_path", folder, "--prompt", "ab", "--max_tokens", "3", option, value])
-    except RuntimeError as err:
-        pytest.xfail(f"{option} {value}: RuntimeError from torch ({str(err).splitlines()[0][:60]}); fix: "
-                     "validate top_k >= 1, 0 < top_p <= 1, finite temperature >= 0 and finite "
-                     "repetition_penalty > 0 in generation/generate.py (raise SLMError)")
-    assert code in (0, 2)
-    if code == 2:
-        assert capsys.readouterr().err.startswith("error: ")
+    code = main(["generate", "--model_path", folder, "--prompt", "ab", "--max_tokens", "3", option, value])
+    assert code == 2
+    assert capsys.readouterr().err.startswith("error: ")
 
 
 LINES = st.lists(st.one_of(
@@ -395,10 +378,6 @@ def test_interactive_reports_bad_prompts_and_goes_on(tiny_models, monkeypatch, c
     assert "error: the prompt has 40 tokens" in err and ">>> KING" in out
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeDecodeError,
-                   reason="input() raises UnicodeDecodeError on non-UTF-8 stdin when the stdin codec is strict "
-                   "(any UTF-8 locale but C.UTF-8/POSIX); fix in cli/generate_cmd.py _interactive: catch "
-                   "UnicodeError around input(), print 'error: the line is not valid UTF-8' and continue")
 def test_interactive_with_invalid_utf8_on_stdin(tiny_models, monkeypatch, capsys):
     _stdin(monkeypatch, b"caf\xe9\nKING\n", "strict")
     assert main(["generate", "--model_path", str(tiny_models["char"][0]), "--interactive", "--max_tokens", "3"]) == 0
@@ -536,15 +515,8 @@ def test_corpus_folders_give_per_file_errors_or_skips(tmp_path_factory, files, o
 def test_corrupt_gzip_and_deeply_nested_json_name_the_file(tmp_path, name, data):
     path = tmp_path / name
     path.write_bytes(data)
-    try:
-        with pytest.raises(SLMError, match=name.replace(".", r"\.")):
-            list(read_documents(path))
-    except Exception as err:
-        if isinstance(err, RecursionError) or type(err).__name__ == "error":  # zlib.error
-            pytest.xfail(f"{type(err).__module__}.{type(err).__name__} escapes data/corpus.py; fix: catch "
-                         "zlib.error next to OSError/EOFError in _decode, and RecursionError next to "
-                         "json.JSONDecodeError in _parse_records")
-        raise
+    with pytest.raises(SLMError, match=name.replace(".", r"\.")):
+        list(read_documents(path))
 
 
 # ------------------------------------------------------------------ checkpoint manifest

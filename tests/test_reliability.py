@@ -628,8 +628,6 @@ def test_resuming_a_finished_run_rewrites_its_last_checkpoint_safely(trained, tm
     assert not broken_checkpoints(run / "checkpoints") and not leftovers(run / "checkpoints")
 
 
-@pytest.mark.xfail(strict=True, reason="Trainer's default `say` is tqdm.write, which prints to stdout; "
-                   "proposed fix in trainer.py: say=lambda m: tqdm.write(m, file=sys.stderr)")
 def test_fallback_warning_goes_to_stderr(trained, tmp_path, capsys):
     run, cfg = clone_run(trained, tmp_path / "run")
     flip_bit(ckpt(run, 12) / "model.safetensors")
@@ -950,8 +948,6 @@ def _read_only(monkeypatch, folder: Path) -> None:
     monkeypatch.setattr(os, "mkdir", mkdir)
 
 
-@pytest.mark.xfail(strict=True, reason="RunLock opens <run>/.lock unguarded, so the PermissionError escapes as "
-                   "a traceback; proposed fix in training/run_info.py (see the report)")
 def test_unwritable_output_folder_is_a_one_line_error(trained, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     copy_prepared(trained, run)

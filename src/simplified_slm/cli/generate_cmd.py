@@ -20,7 +20,10 @@ from simplified_slm.tokenizers import Tokenizer
 
 def complete(model: CausalLM, tokenizer: Tokenizer, prompt: str, args: argparse.Namespace,
              stream: bool = False) -> str:
-    ids = tokenizer.encode_ids(prompt)
+    try:
+        ids = tokenizer.encode_ids(prompt)
+    except UnicodeEncodeError:
+        raise SLMError("the prompt is not valid UTF-8 (it holds undecodable bytes); pass UTF-8 text") from None
     if not ids:
         raise SLMError("the prompt encodes to no tokens; give a non-empty prompt")
     limit = model.max_context
@@ -58,14 +61,29 @@ def run_generate(model: CausalLM, tokenizer: Tokenizer, args: argparse.Namespace
     return 0
 
 
+def _read_prompt() -> str:
+    """One line from the user; from a pipe, read bytes so one undecodable line costs only itself."""
+    if sys.stdin.isatty():
+        return input(">>> ")
+    sys.stdout.write(">>> ")
+    sys.stdout.flush()
+    raw = sys.stdin.buffer.readline()
+    if not raw:
+        raise EOFError
+    return raw.rstrip(b"\r\n").decode("utf-8")
+
+
 def _interactive(model: CausalLM, tokenizer: Tokenizer, args: argparse.Namespace) -> int:
     print("interactive mode: type a prompt, empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
         try:
-            prompt = input(">>> ")
+            prompt = _read_prompt()
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             return 0
+        except UnicodeDecodeError:
+            print("error: the line is not valid UTF-8; type UTF-8 text", file=sys.stderr)
+            continue
         if not prompt:
             return 0
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -148,7 +149,7 @@ def _decode(path: Path) -> str:
         raw = path.read_bytes()
         if path.suffix.lower() == ".gz":
             raw = gzip.decompress(raw)
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zlib.error) as err:
         raise SLMError(f"{path}: cannot read it ({err}); check the file or remove it") from None
     nul = raw.find(b"\x00")
     if nul >= 0:
@@ -167,6 +168,8 @@ def _parse_records(path: Path, text: str, text_field: str) -> list[Document]:
     if _format_of(path) == ".json":
         try:
             data = json.loads(text)
+        except RecursionError:
+            raise SLMError(f"{path}: JSON nested too deeply to read; flatten it to records") from None
         except json.JSONDecodeError:
             pass  # not one JSON value: read it as JSON lines below
         else:
@@ -178,6 +181,8 @@ def _parse_records(path: Path, text: str, text_field: str) -> list[Document]:
             continue
         try:
             record = json.loads(line)
+        except RecursionError:
+            raise SLMError(f"{path}:{lineno}: JSON nested too deeply to read") from None
         except json.JSONDecodeError as err:
             raise SLMError(f"{path}:{lineno}: invalid JSON ({err.msg}); each line must be "
                            f'one object like {{"{text_field}": "..."}}') from None

@@ -8,6 +8,7 @@ Models with a bounded context (learned positions) fall back to re-running the la
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -36,6 +37,14 @@ def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int = 100, *, 
         raise SLMError("the prompt is empty; give at least one token (e.g. a newline)")
     if max_new_tokens < 0:
         raise SLMError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if top_k is not None and top_k < 1:
+        raise SLMError(f"top_k must be at least 1 (or unset), got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise SLMError(f"top_p must be in (0, 1], got {top_p}")
+    if not (math.isfinite(temperature) and temperature >= 0.0):
+        raise SLMError(f"temperature must be a finite number >= 0, got {temperature}")
+    if not (math.isfinite(repetition_penalty) and repetition_penalty > 0.0):
+        raise SLMError(f"repetition_penalty must be a finite number > 0, got {repetition_penalty}")
     model.check_input_ids(input_ids)
     limit = model.max_context
     if limit is not None and input_ids.shape[1] > limit:

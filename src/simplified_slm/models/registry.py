@@ -35,7 +35,7 @@ def families() -> list[str]:
 
 
 def _lookup(family: Any, where: str) -> tuple[type[ModelConfig], type[CausalLM]]:
-    if family not in _FAMILIES:
+    if not isinstance(family, str) or family not in _FAMILIES:
         raise SLMError(f"{where}: unknown model family {family!r}; choose one of {families()}")
     return _FAMILIES[family]
 
@@ -59,7 +59,7 @@ def config_from_dict(data: dict[str, Any], where: str = "model") -> ModelConfig:
     cls = _lookup(family, where)[0]
     preset = data.pop("preset", None)
     if preset is not None:
-        if preset not in cls.presets:
+        if not isinstance(preset, str) or preset not in cls.presets:
             raise SLMError(f"{where}: unknown {family} preset {preset!r}; choose one of {sorted(cls.presets)}")
         data = {**cls.presets[preset], **data}
     return cls.from_dict(data, where=where)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,11 @@ class TrainConfig(ConfigBase):
                 self._fail(name, f"must be at least 1, got {getattr(self, name)}")
         if self.warmup_steps < 0:
             self._fail("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        for name in ("lr", "min_lr", "weight_decay"):
+            if not math.isfinite(getattr(self, name)):
+                self._fail(name, f"must be a finite number, got {getattr(self, name)}")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            self._fail("grad_clip", f"must be a positive number or null, got {self.grad_clip}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             self._fail("lr", f"need 0 <= min_lr ({self.min_lr}) <= lr ({self.lr}) and lr > 0")
         choices = {"optimizer": ("adamw",), "lr_schedule": ("cosine", "linear", "constant"),
@@ -101,6 +107,8 @@ class ExperimentConfig(ConfigBase):
         """The model's config with the tokenizer's vocab size filled in (or checked)."""
         fields = dict(self.model)
         given = fields.get("vocab_size")
+        if given is not None and (isinstance(given, bool) or not isinstance(given, int)):
+            raise SLMError(f"model.vocab_size: expected an integer, got {given!r}")
         if given is not None and given < vocab_size:
             raise SLMError(f"model.vocab_size is {given} but the tokenizer has {vocab_size} ids; "
                            "remove model.vocab_size to take the tokenizer's, or use a matching tokenizer")

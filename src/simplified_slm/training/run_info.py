@@ -65,7 +65,10 @@ class RunLock:
         self._fh: Any = None
 
     def __enter__(self) -> "RunLock":
-        self._fh = open(self.path, "a+")
+        try:
+            self._fh = open(self.path, "a+")
+        except OSError as err:
+            raise SLMError(f"cannot write to {self.path.parent}: {err.strerror}; choose a writable output_dir") from None
         try:
             fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

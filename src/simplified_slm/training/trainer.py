@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,7 +80,7 @@ class Trainer:
         self.cfg = cfg
         self.resume = resume
         self.until = until
-        self.say = say or tqdm.write
+        self.say = say or (lambda message: tqdm.write(message, file=sys.stderr))
         self.run_dir = Path(cfg.output_dir)
         self.device = resolve_device(cfg.train.device)
         self._stop_reason: str | None = None
@@ -114,7 +115,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ train
     def run(self) -> TrainResult:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise SLMError(f"cannot create {self.run_dir}: {err.strerror}; choose a writable output_dir") from None
         with RunLock(self.run_dir, resume=self.resume is not None):
             handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
             try:
@@ -169,7 +173,7 @@ class Trainer:
 
         losses: list[float] = []
         val: dict[str, float] = {}
-        last_ckpt: Path | None = None
+        last_ckpt: Path | None = start  # a resumed run's checkpoint already holds its step
         bad_in_row = 0
         tokens_per_step = tcfg.batch_size * tcfg.block_size * tcfg.grad_accum_steps
         bar = tqdm(total=tcfg.max_steps, initial=step, disable=not tcfg.progress, dynamic_ncols=True,
