@@ -80,6 +80,29 @@ class CausalLM(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def init_weights(self, std: float) -> None:
+        """Normal(0, std) for every Linear/Embedding weight, zero biases (the GPT-2/Llama init)."""
+        def init(module: nn.Module) -> None:
+            if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight is not None:
+                nn.init.normal_(module.weight, 0.0, std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        self.apply(init)
+
+    @torch.no_grad()
+    def freeze_ternary(self, int8: bool = False) -> "CausalLM":
+        """Replace every BitLinear's float weight by int8 ternary codes + scale (inference only).
+
+        `int8=True` runs the frozen layers as integer matmuls; families without BitLinear
+        layers are returned unchanged.
+        """
+        from simplified_slm.ops.bitnet import BitLinear
+
+        for module in self.modules():
+            if isinstance(module, BitLinear):
+                module.freeze(int8=int8)
+        return self
+
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         seen: set[int] = set()
         total = 0

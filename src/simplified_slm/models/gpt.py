@@ -91,7 +91,7 @@ class GPTForCausalLM(CausalLM):
         self.layers = nn.ModuleList(GPTBlock(config) for _ in range(config.n_layers))
         self.norm = make_norm("layernorm", config.d_model, config.norm_eps, bias=config.bias)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.apply(self._init_weights)
+        self.init_weights(config.init_std)
         # GPT-2: scale residual projections by 1/sqrt(2 * layers) so the residual stream's
         # variance does not grow with depth.
         for name, param in self.named_parameters():
@@ -99,12 +99,6 @@ class GPTForCausalLM(CausalLM):
                 nn.init.normal_(param, 0.0, config.init_std / math.sqrt(2 * config.n_layers))
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, 0.0, self.config.init_std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
     @property
     def max_context(self) -> int:

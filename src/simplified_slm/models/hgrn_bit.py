@@ -78,13 +78,9 @@ class SimplifiedSLMForCausalLM(CausalLM):
                              if config.use_lower_bound else None)
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.lm_head = BitLinear(config.hidden_size, config.vocab_size)
-        self.apply(self._init_weights)
+        self.init_weights(config.initializer_range)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embeddings.weight
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, 0.0, self.config.initializer_range)
 
     def make_cache(self, batch_size: int, max_length: int) -> RecurrentCache:
         return RecurrentCache(self.config.num_hidden_layers)
@@ -110,10 +106,3 @@ class SimplifiedSLMForCausalLM(CausalLM):
         loss = shifted_labels_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss, cache=cache)
 
-    @torch.no_grad()
-    def freeze_ternary(self, int8: bool = False) -> "SimplifiedSLMForCausalLM":
-        """Replace every BitLinear's float weight by int8 ternary codes + scale (inference only)."""
-        for module in self.modules():
-            if isinstance(module, BitLinear):
-                module.freeze(int8=int8)
-        return self

@@ -291,14 +291,10 @@ class HNetBitForCausalLM(CausalLM):
         self.embeddings = nn.Embedding(config.vocab_size, width)
         self.stage = HNetStage(config, 0)
         self.lm_head = BitLinear(width, config.vocab_size)
-        self.apply(self._init_weights)
+        self.init_weights(config.initializer_range)
         self.stage.reset_special_parameters()
         self.last_routing: list[StageRouting | None] = []
         self._compression: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, 0.0, self.config.initializer_range)
 
     def make_cache(self, batch_size: int, max_length: int) -> HNetBitCache:
         c = self.config
@@ -362,13 +358,6 @@ class HNetBitForCausalLM(CausalLM):
         loss = shifted_labels_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux_loss, cache=cache)
 
-    @torch.no_grad()
-    def freeze_ternary(self, int8: bool = False) -> "HNetBitForCausalLM":
-        """Replace every BitLinear's float weight by int8 ternary codes + scale (inference only)."""
-        for module in self.modules():
-            if isinstance(module, BitLinear):
-                module.freeze(int8=int8)
-        return self
 
 
 # ----------------------------------------------------------------- boundary printer

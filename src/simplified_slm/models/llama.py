@@ -126,18 +126,12 @@ class LlamaForCausalLM(CausalLM):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config.dim_per_head, config.rope_theta, config.rope_scaling,
                                       config.max_position_embeddings)
-        self.apply(self._init_weights)
+        self.init_weights(config.initializer_range)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
     def make_block(self, config: LlamaConfig) -> nn.Module:
         return LlamaBlock(config)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight is not None:
-            nn.init.normal_(module.weight, 0.0, self.config.initializer_range)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
     @property
     def max_context(self) -> int | None:
