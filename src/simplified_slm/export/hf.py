@@ -135,6 +135,19 @@ def llama_from_transformers(hf_model) -> LlamaForCausalLM:
     return model.eval()
 
 
+def import_gguf_llama(path: str | Path) -> LlamaForCausalLM:
+    """Our `llama` model from a Llama GGUF file (dequantised to float32 by transformers + gguf)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SLMError(f"GGUF file {path} does not exist")
+    tf = _transformers()
+    try:
+        hf = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
+    except ImportError as err:
+        raise SLMError(f"reading GGUF needs `pip install gguf accelerate` ({str(err).splitlines()[0]})") from None
+    return llama_from_transformers(hf)
+
+
 def import_hf_llama(directory: str | Path) -> LlamaForCausalLM:
     """Load a transformers Llama checkpoint folder (config.json + safetensors) into our family."""
     directory = Path(directory)
