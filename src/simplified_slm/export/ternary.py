@@ -66,7 +66,7 @@ def save_packed(model: CausalLM, directory: str | Path, tokenizer=None) -> dict[
             "file_bytes": (directory / PACKED_FILE).stat().st_size}
 
 
-def load_packed(directory: str | Path, int8: bool = False) -> CausalLM:
+def load_packed(directory: str | Path, int8: bool = True) -> CausalLM:
     """Rebuild the model from a packed checkpoint, BitLinears frozen on their codes."""
     directory = Path(directory)
     path = directory / PACKED_FILE
