@@ -101,3 +101,11 @@ def test_missing_and_corrupt_checkpoints(tmp_path, trained):
     (broken / "model.safetensors").write_bytes(b"\x00" * 10)
     result = run_cli("eval", "--checkpoint", str(broken), "--dataset", "tinyshakespeare")
     assert result.returncode == 2 and "model.safetensors" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_seed_generate_without_a_model_runs_on_a_fresh_clone(tmp_path):
+    """Seed 000: `python generate.py --prompt "Hello" --max_tokens 100 --temperature 0.8`."""
+    result = subprocess.run([sys.executable, str(REPO / "generate.py"), "--prompt", "Hello", "--max_tokens", "20",
+                             "--temperature", "0.8"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Hello") and "untrained" in result.stderr

@@ -62,18 +62,34 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(path: str | None, device: str):
-    """Model + tokenizer from a checkpoint/model folder (or the newest run's best checkpoint)."""
+def _load_model(path: str | None, device: str, untrained_fallback: bool = False):
+    """Model + tokenizer from a checkpoint/model folder (or the newest run's best checkpoint).
+
+    With `untrained_fallback` (seed 000's `generate.py --prompt ...` without a model) and no
+    trained model anywhere, a freshly initialised byte-level SimplifiedSLM small model is
+    used, with a warning, so the command runs on a fresh clone.
+    """
     from simplified_slm.models.base import CausalLM
     from simplified_slm.tokenizers import load_tokenizer
     from simplified_slm.training.trainer import resolve_device
 
     if path is None:
         candidates = sorted(Path("runs").glob("*/checkpoints/best"), key=lambda p: p.stat().st_mtime)
-        if not candidates:
+        if candidates:
+            path = str(candidates[-1])
+            print(f"using {path}", file=sys.stderr)
+        elif untrained_fallback:
+            from simplified_slm.models import SimplifiedSLMConfig, SimplifiedSLMForCausalLM
+            from simplified_slm.tokenizers import ByteTokenizer
+
+            print("warning: no trained model under runs/ and no --model_path; sampling from an untrained "
+                  "SimplifiedSLMConfig.small() model (train one with `make demo`)", file=sys.stderr)
+            model = SimplifiedSLMForCausalLM(SimplifiedSLMConfig.small()).to(resolve_device(device)).eval()
+            return model, ByteTokenizer()
+        else:
             raise SLMError("no trained model found under runs/; train one (make demo) or pass --model_path")
-        path = str(candidates[-1])
-        print(f"using {path}", file=sys.stderr)
+    if Path(path).is_file():  # a file inside a model folder, e.g. .../model.safetensors
+        path = str(Path(path).parent)
     from simplified_slm.export.ternary import PACKED_FILE, load_packed
 
     if (Path(path) / PACKED_FILE).is_file():
@@ -123,7 +139,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from simplified_slm.cli.generate_cmd import run_generate
 
-    model, tokenizer = _load_model(args.model_path, args.device)
+    model, tokenizer = _load_model(args.model_path, args.device, untrained_fallback=True)
     return run_generate(model, tokenizer, args)
 
 
