@@ -109,3 +109,16 @@ def test_seed_generate_without_a_model_runs_on_a_fresh_clone(tmp_path):
                              "--temperature", "0.8"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Hello") and "untrained" in result.stderr
+
+
+def test_generate_refuses_a_corrupted_checkpoint(trained, tmp_path):
+    import shutil
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(trained / "checkpoints" / "best", copy)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one flipped bit in a weight
+    weights.write_bytes(bytes(data))
+    result = run_cli("generate", "--model_path", str(copy), "--prompt", "x", "--max_tokens", "2")
+    assert result.returncode == 2 and "SHA-256" in result.stderr and "Traceback" not in result.stderr

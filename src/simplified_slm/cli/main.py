@@ -91,6 +91,10 @@ def _load_model(path: str | None, device: str, untrained_fallback: bool = False)
     if Path(path).is_file():  # a file inside a model folder, e.g. .../model.safetensors
         path = str(Path(path).parent)
     from simplified_slm.export.ternary import PACKED_FILE, load_packed
+    from simplified_slm.training.checkpoint import MANIFEST, verify_checkpoint
+
+    if (Path(path) / MANIFEST).is_file():  # a training checkpoint: refuse corrupted files
+        verify_checkpoint(path)
 
     if (Path(path) / PACKED_FILE).is_file():
         model = load_packed(path).to(resolve_device(device))
