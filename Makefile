@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,11 +21,13 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/slm run --config configs/default.json --output_dir runs/demo
 
+# the whole suite, soak tests included (about 4-5 minutes on 2 cores); CI runs this
 test: setup
-	$(BIN)/python -m pytest -q
-
-test-all: setup
 	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+# without the `slow` soak tests (what a plain `pytest` runs)
+test-fast: setup
+	$(BIN)/python -m pytest -q
 
 bench: setup
 	$(BIN)/python benchmarks/bench_train_gpt.py

@@ -224,6 +224,13 @@ class CheckpointManager:
                 doomed = self.root / f".trash-{old.name}-{os.getpid()}"
                 os.rename(old, doomed)
                 shutil.rmtree(doomed, ignore_errors=True)
+        self._clean_stale()
+
+    def _clean_stale(self) -> None:
+        """Remove what killed processes left: trash, unfinished temp folders, temp links.
+
+        Also run when resuming, since a resumed run that is already finished saves nothing
+        and so never prunes."""
         for stale in self.root.glob(".trash-step_*"):
             shutil.rmtree(stale, ignore_errors=True)
         for stale in self.root.glob(".tmp-step_*"):
@@ -236,6 +243,7 @@ class CheckpointManager:
     def latest_intact(self) -> Path | None:
         """Newest checkpoint that passes verification, saying which ones were skipped."""
         self._recover()
+        self._clean_stale()
         for candidate in self.step_dirs():
             try:
                 verify_checkpoint(candidate)
