@@ -17,11 +17,17 @@ from torch import nn
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
 
+def rope_type(scaling: dict[str, Any] | None) -> str:
+    """The scaling kind of a HF-style `rope_scaling` mapping (older configs say `type`)."""
+    scaling = scaling or {}
+    return scaling.get("rope_type", scaling.get("type", "default"))
+
+
 def validate_rope_scaling(scaling: dict[str, Any] | None) -> str | None:
     """Return an error message for a bad `rope_scaling` mapping, or None if it is usable."""
     if scaling is None:
         return None
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    kind = rope_type(scaling)
     if kind not in ROPE_TYPES:
         return f"rope_type {kind!r} is not supported; use one of {list(ROPE_TYPES)}"
     needed = {"linear": ["factor"], "dynamic": ["factor"],
@@ -37,7 +43,7 @@ def validate_rope_scaling(scaling: dict[str, Any] | None) -> str | None:
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None = None,
                              max_positions: int = 2048, seq_len: int | None = None) -> torch.Tensor:
     """Inverse frequency of each rotated pair (head_dim // 2 values), float32."""
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    kind = rope_type(scaling)
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
     if kind == "dynamic" and seq_len is not None and seq_len > max_positions:
         # NTK-aware: grow the base with the length actually used beyond the trained context
@@ -73,7 +79,7 @@ class RotaryEmbedding(nn.Module):
                  max_positions: int = 2048) -> None:
         super().__init__()
         self.head_dim, self.theta, self.scaling, self.max_positions = head_dim, theta, scaling, max_positions
-        self.dynamic = (scaling or {}).get("rope_type", (scaling or {}).get("type")) == "dynamic"
+        self.dynamic = rope_type(scaling) == "dynamic"
         self.register_buffer("inv_freq", rope_inverse_frequencies(head_dim, theta, scaling, max_positions),
                              persistent=False)
 

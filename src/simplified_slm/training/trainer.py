@@ -33,6 +33,9 @@ from simplified_slm.training.optim import build_optimizer, learning_rate
 from simplified_slm.training.run_info import RunLock, new_run_id, write_run_info
 
 
+SIGNAL_STOPS = ("SIGINT", "SIGTERM")  # stop reasons set by the signal handler (no final eval)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
@@ -161,6 +164,7 @@ class Trainer:
         loggers = build_loggers(tcfg.loggers, self.run_dir, run_id, cfg.to_dict(), self.say)
         amp = autocast_dtype(tcfg.precision, self.device)
         forward = torch.compile(model) if tcfg.compile else model
+        stats_hooks = [h for h in forward_hooks if isinstance(h, ActivationStats)]
 
         def eval_metrics() -> dict[str, float]:
             batches = iter_eval_batches(data.val, tcfg.block_size, tcfg.batch_size, tcfg.eval_batches)
@@ -186,7 +190,6 @@ class Trainer:
                 lr = learning_rate(step, tcfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                stats_hooks = [h for h in forward_hooks if isinstance(h, ActivationStats)]
                 for hook in stats_hooks:
                     hook.active = (step + 1) % hook.every == 0
                 step_loss = 0.0
@@ -234,7 +237,8 @@ class Trainer:
                     self._stop_reason = self._stop_reason or f"paused at --until {self.until}"
                 # a planned end (last step, time limit, pause) gets a final eval and sample; a
                 # signal only gets its checkpoint, as fast as possible
-                ending = step == tcfg.max_steps or self._stop_reason in ("time limit", f"paused at --until {self.until}")
+                ending = step == tcfg.max_steps or (self._stop_reason is not None
+                                                    and self._stop_reason not in SIGNAL_STOPS)
                 if step % tcfg.log_every == 0 or ending:
                     now = time.perf_counter()
                     tok_s = window_steps * tokens_per_step / max(now - window_start, 1e-9)
@@ -270,7 +274,7 @@ class Trainer:
         if self._stop_reason:
             self.say(f"stopped at step {step} ({self._stop_reason}); checkpoint {last_ckpt}; "
                      "continue with --resume auto")
-        interrupted = self._stop_reason in ("SIGINT", "SIGTERM")
+        interrupted = self._stop_reason in SIGNAL_STOPS
         return TrainResult(self.run_dir, step, interrupted, val, losses, last_ckpt)
 
     def _sample(self, model: CausalLM, tokenizer: Tokenizer, step: int) -> str:
