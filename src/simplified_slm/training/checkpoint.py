@@ -71,10 +71,19 @@ def _tuplify(value: Any) -> Any:
     return tuple(_tuplify(v) for v in value) if isinstance(value, list) else value
 
 
-def write_manifest(directory: Path) -> None:
+def write_manifest(directory: Path, best: bool = False) -> None:
+    """`best` records that the folder was saved as the best one, so a kill before the
+    `best` link was swapped can be repaired (`CheckpointManager.repair_links`)."""
     files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
     manifest = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
-    atomic_write_json(directory / MANIFEST, {"files": manifest})
+    atomic_write_json(directory / MANIFEST, {"files": manifest, "best": best})
+
+
+def _saved_as_best(directory: Path) -> bool:
+    try:
+        return json.loads((directory / MANIFEST).read_text(encoding="utf-8")).get("best") is True
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _read_manifest(directory: Path) -> dict[str, tuple[int, str]]:
@@ -139,7 +148,7 @@ class CheckpointManager:
         try:
             self._recover()
             self.root.mkdir(parents=True, exist_ok=True)
-            self._write(final, write_files)
+            self._write(final, write_files, best)
             self._point("latest", final)
             if best:
                 self._point("best", final)
@@ -153,7 +162,7 @@ class CheckpointManager:
                            "(the checkpoints already there are intact; resume with --resume auto)") from err
         return final
 
-    def _write(self, final: Path, write_files: Callable[[Path], None]) -> None:
+    def _write(self, final: Path, write_files: Callable[[Path], None], best: bool) -> None:
         tmp = self.root / f".tmp-{final.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -162,7 +171,7 @@ class CheckpointManager:
             for path in tmp.iterdir():
                 with open(path, "rb") as fh:
                     os.fsync(fh.fileno())
-            write_manifest(tmp)
+            write_manifest(tmp, best)
             fsync_dir(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -215,6 +224,32 @@ class CheckpointManager:
         os.symlink(target.name, tmp)
         os.replace(tmp, link)
         fsync_dir(self.root)
+
+    def repair_links(self) -> Path | None:
+        """Point `latest` at the newest intact checkpoint and `best` at the newest intact one
+        saved as best, and return the former.
+
+        A process killed after renaming its folder into place but before swapping the links
+        leaves them one checkpoint behind; resuming a run that is already finished saves
+        nothing, so without this `latest` would name stale weights forever."""
+        newest = self.latest_intact()
+        if newest is None:
+            return None
+        self._point_if_stale("latest", newest)
+        for candidate in self.step_dirs():
+            if candidate.name <= newest.name and _saved_as_best(candidate):
+                try:
+                    verify_checkpoint(candidate)
+                except SLMError:
+                    continue
+                self._point_if_stale("best", candidate)
+                break
+        return newest
+
+    def _point_if_stale(self, name: str, target: Path) -> None:
+        link = self.root / name
+        if not (link.is_symlink() and link.resolve() == target.resolve()):
+            self._point(name, target)
 
     def _prune(self) -> None:
         best = (self.root / "best").resolve() if (self.root / "best").is_symlink() else None

@@ -103,8 +103,9 @@ class Trainer:
                 raise SLMError(f"{self.run_dir} already holds checkpoints; pass --resume auto to continue "
                                "that run, or choose another output_dir")
             return None
+        newest = ckpts.repair_links()
         if self.resume == "auto":
-            found = ckpts.latest_intact()
+            found = newest
             if found is None:
                 self.say(f"no intact checkpoint in {ckpts.root}; starting a fresh run")
             return found
