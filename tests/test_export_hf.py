@@ -1,12 +1,16 @@
 """Exports that stock transformers loads, with equal logits (the real consumer is the judge)."""
 
+import json
+
 import pytest
 import torch
 
 import transformers  # a dev dependency: `make test` installs it
 
-from simplified_slm.export.hf import export_hf, import_hf_llama
+from simplified_slm.errors import SLMError
+from simplified_slm.export.hf import export_hf, import_hf_llama, to_transformers
 from simplified_slm.models import GPTConfig, build_model
+from simplified_slm.models.bitnet import BitNetConfig, BitNetForCausalLM
 from simplified_slm.models.llama import LLAMA3_ROPE, LlamaConfig, LlamaForCausalLM
 
 
@@ -46,3 +50,94 @@ def test_llama_exports_and_imports(tmp_path, scaling):
     ids = torch.randint(0, 90, (1, 16))
     assert torch.allclose(back(ids).logits, model(ids).logits, atol=1e-5)
     assert back.config.rope_scaling == model.config.rope_scaling
+
+
+# --- bitnet -> transformers' BitNetForCausalLM (packed ternary weights) ----------------
+
+def _story_ids(rows: int = 2, length: int = 96) -> torch.Tensor:
+    """Byte ids of real text: TinyStories validation stories from the bundled corpus."""
+    from simplified_slm.data.corpus import builtin_dataset, read_documents
+    from simplified_slm.tokenizers import ByteTokenizer
+
+    text = next(iter(read_documents(str(builtin_dataset("tinystories").valid)))).text
+    ids = ByteTokenizer().encode_ids(text[:rows * length * 2])
+    return torch.tensor(ids[:rows * length]).view(rows, length)
+
+
+def _trained_bitnet(**overrides) -> BitNetForCausalLM:
+    """A tiny bitnet model after a few AdamW steps on the story bytes (non-random weights)."""
+    torch.manual_seed(0)
+    model = BitNetForCausalLM(BitNetConfig.preset("tiny", vocab_size=256, **overrides))
+    ids = _story_ids(4, 64)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(5):
+        opt.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("kv_heads,act,scaling", [(4, "silu", None),  # MHA, the seed's SwiGLU
+                                                  (2, "relu2", {"rope_type": "linear", "factor": 2.0})])  # GQA
+def test_bitnet_exports_as_transformers_bitnet(tmp_path, kv_heads, act, scaling):
+    from safetensors import safe_open
+
+    model = _trained_bitnet(num_key_value_heads=kv_heads, hidden_act=act, rope_scaling=scaling)
+    export_hf(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "bitnet" and config["quantization_config"]["quant_method"] == "bitnet"
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        q = f.get_tensor("model.layers.0.self_attn.q_proj.weight")
+        assert q.dtype == torch.uint8 and q.shape == (64 // 4, 64)  # 4 ternary codes per byte
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.weight_scale").shape == (1,)
+        assert "model.layers.0.self_attn.attn_sub_norm.weight" in f.keys()
+        assert "model.layers.0.mlp.ffn_sub_norm.weight" in f.keys()
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert type(hf).__name__ == "BitNetForCausalLM"
+    assert type(hf.model.layers[0].mlp.down_proj).__name__ == "BitLinear"
+    ids = _story_ids()
+    frozen = _trained_bitnet(num_key_value_heads=kv_heads, hidden_act=act, rope_scaling=scaling)
+    with torch.no_grad():
+        want = hf(ids).logits
+        # same formula, same operation order (integer sums, then one division): exact
+        assert (model(ids).logits - want).abs().max().item() <= 1e-4
+        assert torch.equal(frozen.freeze_ternary(int8=True)(ids).logits, want)
+    prompt = ids[:1, :16]
+    greedy_hf = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False)
+    assert torch.equal(greedy_hf, model.generate(prompt, 12, greedy=True))
+
+
+def test_bitnet_export_from_the_cli_and_of_a_frozen_model(tmp_path, python_exe):
+    import copy
+    import subprocess
+
+    from simplified_slm.tokenizers import ByteTokenizer
+
+    model = _trained_bitnet()
+    model.save_pretrained(tmp_path / "model", tokenizer=ByteTokenizer())
+    run = subprocess.run([python_exe, "-m", "simplified_slm.cli", "export", "--checkpoint", str(tmp_path / "model"),
+                          "--format", "hf", "--out", str(tmp_path / "hf")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    # frozen BitLinears (codes + scale, no float weight) export their stored codes
+    export_hf(copy.deepcopy(model).freeze_ternary(int8=True), tmp_path / "hf_frozen")
+    ids = _story_ids(1, 48)
+    with torch.no_grad():
+        want = model(ids).logits
+        for folder in ("hf", "hf_frozen"):
+            hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / folder)).eval()
+            assert torch.equal(hf(ids).logits, want)
+        assert torch.equal(to_transformers(model)(ids).logits, want)  # in memory, via a temporary folder
+
+
+def test_mla_and_unpackable_bitnet_exports_fail_clearly(tmp_path):
+    mla = BitNetForCausalLM(BitNetConfig.preset("tiny-mla", vocab_size=64))
+    with pytest.raises(SLMError, match="multi-head latent attention has no transformers counterpart"):
+        export_hf(mla, tmp_path / "mla")
+    wide = BitNetForCausalLM(BitNetConfig.preset("tiny", vocab_size=64, head_dim=32))
+    with pytest.raises(SLMError, match="sizes its attention SubLN by hidden_size"):
+        export_hf(wide, tmp_path / "wide")
+    odd = BitNetForCausalLM(BitNetConfig.preset("tiny", vocab_size=64, intermediate_size=90))
+    with pytest.raises(SLMError, match="divisible by 4"):
+        export_hf(odd, tmp_path / "odd")
+    assert not (tmp_path / "mla").exists()

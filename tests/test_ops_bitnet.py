@@ -106,6 +106,58 @@ def test_bitlinear_matches_reference_formula():
     assert layer.norm is None
 
 
+def test_bitlinear_is_the_integer_formula_of_transformers_packed_bitlinear():
+    """y = F.linear(levels, codes) / (weight_scale * input_scale), transformers' order."""
+    layer = BitLinear(40, 12, input_norm=False)
+    x = _randn(2, 5, 40)
+    levels, x_scale = activation_quant_int8(x)
+    codes, w_scale = ternary_codes(layer.weight.detach())
+    want = F.linear(levels.float(), codes.float()) / (w_scale.reshape(1) * x_scale)
+    assert torch.equal(layer(x), want)
+
+
+def test_bitlinear_gradients_equal_the_seeds_straight_through_formula():
+    torch.manual_seed(0)
+    layer = BitLinear(32, 16, input_norm=False)
+    x = _randn(4, 32).requires_grad_()
+    upstream = _randn(4, 16, seed=1)
+    layer(x).backward(upstream)
+    w = layer.weight.detach().clone().requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    F.linear(straight_through(x_ref, activation_quant(x_ref)), straight_through(w, weight_quant(w))).backward(upstream)
+    torch.testing.assert_close(layer.weight.grad, w.grad)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_quantize_input_and_dense_weight_split_the_layer():
+    layer = BitLinear(24, 8)
+    x = _randn(3, 24)
+    with torch.no_grad():
+        split = F.linear(layer.quantize_input(x), layer.dense_weight())
+        torch.testing.assert_close(split, layer(x))
+        assert layer.dense_weight() is layer.dense_weight()  # cached without autograd
+        layer.freeze(int8=True)
+        torch.testing.assert_close(F.linear(layer.quantize_input(x), layer.dense_weight()), split)
+
+
+def test_int8_siblings_share_one_quantisation_of_their_input():
+    """q/k/v read one tensor; the int8 path quantises it once, never a stale or other tensor."""
+    torch.manual_seed(0)
+    layers = [BitLinear(16, 8, input_norm=False) for _ in range(2)]
+    x = _randn(2, 16)
+    with torch.no_grad():
+        want = [layer(x) for layer in layers]
+        for layer in layers:
+            layer.freeze(int8=True)
+        assert all(torch.equal(layer(x), w) for layer, w in zip(layers, want))
+        other = x.clone()
+        other[0] *= 3  # same values in row 1, a different tensor
+        assert torch.equal(layers[1](other)[1], want[1][1]) and not torch.equal(layers[1](other)[0], want[1][0])
+        x.mul_(2)  # edited in place: the version counter changes, the cached levels must not be reused
+        assert not torch.equal(layers[0](x), want[0])
+        assert torch.equal(layers[0](x), layers[0](x.clone()))
+
+
 @pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("input_norm", [True, False])
@@ -120,7 +172,7 @@ def test_frozen_equals_fake_quant(int8, bias, input_norm):
     assert layer.frozen and layer.weight is None
     assert layer.weight_codes.dtype == torch.int8
     assert set(layer.weight_codes.unique().tolist()) <= {-1, 0, 1}
-    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert torch.equal(got, want)  # integer sums are exact in float32; the division is shared
 
 
 def test_frozen_int8_handles_single_token_and_odd_sizes():
@@ -130,7 +182,7 @@ def test_frozen_int8_handles_single_token_and_odd_sizes():
         want = layer(x)
         layer.freeze(int8=True)
         got = layer(x)
-    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert torch.equal(got, want)
 
 
 def test_frozen_state_dict_holds_codes_and_scale():

@@ -31,3 +31,23 @@ def test_greedy_and_sampling():
     g = torch.Generator().manual_seed(0)
     draws = [choose_next(logits, temperature=1.0, top_k=1, generator=g).tolist() for _ in range(5)]
     assert all(d == [1, 0] for d in draws)
+
+
+def test_generate_stops_at_eos_pads_finished_rows_and_streams():
+    from simplified_slm.models.llama import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig.preset("tiny", vocab_size=50)).eval()
+    prompt = torch.randint(0, 50, (2, 4))
+    free = model.generate(prompt, 12, greedy=True)
+    eos = int(free[0, 4])  # row 0 finishes at its first new token
+    streamed = []
+    out = model.generate(prompt, 12, greedy=True, eos_token_id=eos, pad_token_id=0, on_token=streamed.append)
+    assert torch.equal(torch.stack(streamed, 1), out[:, 4:])
+    assert out[0, 4] == eos and (out[0, 5:] == 0).all()
+    first_eos_1 = (free[1, 4:] == eos).nonzero()
+    if len(first_eos_1):  # the run ends when both rows have finished
+        assert out.shape[1] == 4 + int(first_eos_1[0]) + 1
+    else:
+        assert out.shape[1] == 16 and torch.equal(out[1], free[1])
+    assert model.generate(prompt, 0).shape == (2, 4)

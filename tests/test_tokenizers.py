@@ -279,3 +279,48 @@ def test_load_errors_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(SLMError, match="neither"):
         load_tokenizer(tmp_path / "empty")
+
+
+# --- seed 002: SLMTokenizer.from_pretrained ----------------------------------------------
+
+def test_slm_tokenizer_loads_every_kind_of_folder(bpe: BPETokenizer, tmp_path: Path) -> None:
+    import transformers
+
+    from simplified_slm.models.llama import LlamaConfig, LlamaForCausalLM
+    from simplified_slm.tokenizers import SLMTokenizer
+
+    text = "Once upon a time, a cat sat."
+    expected = bpe.encode_ids(text)
+    SLMTokenizer(bpe).save_pretrained(tmp_path / "saved")  # our tokenizer folder
+    model = LlamaForCausalLM(LlamaConfig.preset("tiny", vocab_size=bpe.vocab_size))
+    model.save_pretrained(tmp_path / "checkpoint", tokenizer=SLMTokenizer(bpe))  # model/checkpoint folder
+    bpe.save(tmp_path / "run" / "tokenizer")  # a training run keeps it in a subfolder
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe.hf, eos_token="<|endoftext|>")
+    hf.save_pretrained(str(tmp_path / "hf"))  # HF-style folder with tokenizer.json
+    for source in ("saved", "checkpoint", "run", "hf", "hf/tokenizer.json"):
+        tok = SLMTokenizer.from_pretrained(tmp_path / source)
+        assert tok.encode(text) == expected, source
+        assert tok.decode(torch.tensor(expected)) == text
+        assert len(tok) == tok.vocab_size == bpe.vocab_size
+        assert (tok.eos_token_id, tok.pad_token_id) == (bpe.eos_token_id, bpe.pad_token_id), source
+    assert hf(text).input_ids == expected  # and transformers reads our folder the same way
+    reloaded = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
+    assert reloaded(text).input_ids == expected
+
+
+def test_slm_tokenizer_specials_and_errors(tmp_path: Path) -> None:
+    from simplified_slm.tokenizers import SLMTokenizer
+
+    tok = SLMTokenizer.from_pretrained(sentencepiece_style(tmp_path / "llama2"))
+    ids = tok.encode("ab", add_special_tokens=True)
+    assert ids[0] == tok.bos_token_id == 1 and tok.unk_token_id == 0
+    assert tok.decode(ids + [tok.eos_token_id], skip_special_tokens=True) == "ab"
+    byte = SLMTokenizer(ByteTokenizer())
+    assert byte.encode("hi", add_special_tokens=True) == [104, 105]  # no BOS to add
+    byte.save_pretrained(tmp_path / "byte")
+    assert SLMTokenizer.from_pretrained(tmp_path / "byte").decode([104, 105]) == "hi"
+    with pytest.raises(SLMError, match="tokenizer not found"):
+        SLMTokenizer.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SLMError, match="neither"):
+        SLMTokenizer.from_pretrained(tmp_path / "empty")

@@ -98,6 +98,9 @@ def check_command(command: str) -> None:
                 assert f"\n{extra} = [" in (REPO / "pyproject.toml").read_text(), f"no [{extra}] extra"
             else:
                 assert package in ("wandb", "matplotlib", "tensorboard", "datasets"), package
+    elif tool in ("torchrun", "accelerate"):  # launchers: what they start must parse as `slm`
+        assert "-m" in args and args[args.index("-m") + 1] == "simplified_slm.cli", args
+        check_command(" ".join(["slm", *args[args.index("-m") + 2:]]))
     elif tool == "slm":
         parsed = build_parser().parse_args(args)
         if getattr(parsed, "config", None):

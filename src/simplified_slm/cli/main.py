@@ -43,7 +43,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _experiment(args)
     result = Trainer(cfg, resume=args.resume, until=args.until).run()
-    if result.val_metrics:
+    if result.val_metrics and result.is_main:
         print(json.dumps({"step": result.step, **{f"val_{k}": v for k, v in result.val_metrics.items()}}))
     return EXIT_INTERRUPTED if result.interrupted else 0
 
@@ -166,6 +166,19 @@ def cmd_export(args: argparse.Namespace) -> int:
         info = save_packed(model, args.out, tokenizer)
         ratio = info["linear_weights_fp16_bytes"] / info["linear_weights_packed_bytes"]
         print(json.dumps({"out": args.out, **info, "linear_weights_vs_fp16": round(ratio, 2)}))
+    elif args.format == "onnx":
+        from simplified_slm.export.onnx import export_onnx
+
+        info = export_onnx(model, args.out, tokenizer)
+        if info["max_abs_diff"] > 1e-4:
+            print(f"warning: onnxruntime logits differ from PyTorch's by up to {info['max_abs_diff']:.2e}; "
+                  "in ternary models a value on an int8 rounding boundary can round the other way "
+                  "(docs/EXPORT.md), in float models this is a bug", file=sys.stderr)
+        print(json.dumps({"out": args.out, "format": "onnx", **info}))
+    elif args.format == "coreml":
+        from simplified_slm.export.coreml import export_coreml
+
+        print(json.dumps({"out": args.out, "format": "coreml", **export_coreml(model, args.out, tokenizer)}))
     else:
         model.save_pretrained(args.out, tokenizer=tokenizer)
         print(json.dumps({"out": args.out}))
@@ -240,9 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a model in another format")
     p.add_argument("--checkpoint", required=True, help="checkpoint or model folder")
-    p.add_argument("--format", required=True, choices=["safetensors", "ternary", "hf"],
+    p.add_argument("--format", required=True, choices=["safetensors", "ternary", "hf", "onnx", "coreml"],
                    help="safetensors: plain model folder; ternary: 2-bit packed BitLinear weights; "
-                        "hf: a transformers folder (gpt -> GPT2LMHeadModel, llama -> LlamaForCausalLM)")
+                        "hf: a transformers folder (gpt -> GPT2LMHeadModel, llama -> LlamaForCausalLM); "
+                        "onnx: model.onnx, input_ids -> logits, checked in onnxruntime (gpt, llama, bitnet, "
+                        "hgrn_bit); coreml: model.mlpackage for macOS/iOS (gpt, llama, bitnet); see docs/EXPORT.md")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
 

@@ -1,4 +1,5 @@
-"""Data: read corpora, tokenize them once into memory-mapped splits, sample batches."""
+"""Data: read corpora, tokenize them once into memory-mapped splits, sample batches; or
+slide strided windows over documents as a torch Dataset (`TextDataset`)."""
 
 from simplified_slm.data.corpus import (
     BUILTIN_DATASETS,
@@ -19,6 +20,7 @@ from simplified_slm.data.prepare import (
     validation_documents,
 )
 from simplified_slm.data.sampler import SAMPLER_MODES, BatchSampler, iter_eval_batches
+from simplified_slm.data.text_dataset import TextDataset
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -30,6 +32,7 @@ __all__ = [
     "Document",
     "PreparedData",
     "SkippedFileWarning",
+    "TextDataset",
     "builtin_dataset",
     "iter_eval_batches",
     "load_prepared",

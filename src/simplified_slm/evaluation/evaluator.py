@@ -10,6 +10,7 @@ import torch
 
 from simplified_slm.data import iter_eval_batches
 from simplified_slm.evaluation.metrics import evaluate_lm, utf8_validity
+from simplified_slm.layers.lif import firing_rates
 from simplified_slm.models.base import CausalLM
 from simplified_slm.tokenizers import Tokenizer
 
@@ -25,13 +26,16 @@ def evaluate_model(model: CausalLM, tokenizer: Tokenizer, tokens: np.ndarray, *,
                    batch_size: int = 8, max_batches: int | None = None, num_samples: int = 3,
                    sample_tokens: int = 200, prompt: str = "\n", temperature: float = 0.8,
                    seed: int = 0) -> dict[str, Any]:
-    """Loss, perplexity, BPB, accuracy on `tokens`, and `num_samples` generations with their UTF-8 validity."""
+    """Loss, perplexity, BPB, accuracy on `tokens` (plus `snn/firing_rate/...` for spiking
+    models), and `num_samples` generations with their UTF-8 validity."""
     device = model.device
     started = time.perf_counter()
     metrics = evaluate_lm(model, iter_eval_batches(tokens, block_size, batch_size, max_batches),
                           tokenizer.token_byte_lengths(), device)
     elapsed = time.perf_counter() - started
     metrics["eval_tokens_per_s"] = metrics.get("tokens", 0.0) / max(elapsed, 1e-9)
+    # spiking models: rates of the last evaluation batch, read before sampling replaces them
+    metrics.update(firing_rates(model))
     samples = []
     prompt_ids = tokenizer.encode_ids(prompt) or [0]
     for i in range(num_samples):

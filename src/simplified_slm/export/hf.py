@@ -1,24 +1,46 @@
-"""Native transformers formats: `gpt` <-> GPT2LMHeadModel, `llama` <-> LlamaForCausalLM.
+"""Native transformers formats: `gpt` <-> GPT2LMHeadModel, `llama` <-> LlamaForCausalLM,
+`bitnet` -> BitNetForCausalLM (packed ternary weights).
 
 The exported folder is loaded by stock `transformers` (`AutoModelForCausalLM`) with no
 code of ours; the import side reads a transformers Llama (a folder, or a model object,
 e.g. one transformers loaded from a GGUF file) into our `llama` family. `transformers`
 is imported lazily: the core package does not depend on it.
+
+BitNet: transformers' `quant_method: "bitnet"` (offline, `linear_class: "bitlinear"`)
+stores each projection as uint8 `weight` (4 ternary codes per byte, packed along the
+output dim, `ops/packing.pack_ternary_hf`) plus a one-element `weight_scale` that is our
+`ternary_codes` scale. Its forward is `F.linear(int8 levels, codes) / (weight_scale *
+input_scale)` with the same per-token absmax quantiser as ours (127 / max|x| clamped at
+1e-5, round half to even, clamp to [-128, 127]), every RMSNorm with `rms_norm_eps`, SubLN
+as `attn_sub_norm` (hidden_size wide, before o_proj) and `ffn_sub_norm` (before
+down_proj), lm_head and embeddings unquantised. That is our BitLinear's formula in every
+mode (training, frozen float, frozen int8: integer sums, exact in float32, then the same
+division), so an exported model gives our logits bit for bit in float32. MLA has no
+transformers counterpart, so such models are refused; so are models transformers' layout
+cannot hold (attention width != hidden_size, output sizes not divisible by 4).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from simplified_slm.errors import SLMError
+from simplified_slm.export.ternary import bitlinear_modules
+from simplified_slm.layers.rope import rope_type
 from simplified_slm.models.base import CausalLM
+from simplified_slm.models.bitnet import BitNetForCausalLM
 from simplified_slm.models.gpt import GPTForCausalLM
 from simplified_slm.models.llama import LlamaConfig, LlamaForCausalLM
+from simplified_slm.ops.bitnet import ternary_codes
+from simplified_slm.ops.packing import pack_ternary_hf
+from simplified_slm.utils.io import atomic_write
 
 
 def _transformers():
@@ -89,8 +111,96 @@ def _llama_model(model: LlamaForCausalLM):
     return hf
 
 
+_BITNET_RENAMES = {".self_attn.output_norm.": ".self_attn.attn_sub_norm.", ".mlp.inner_norm.": ".mlp.ffn_sub_norm."}
+
+
+def _bitnet_name(key: str) -> str:
+    """Our state-dict key -> transformers' BitNetForCausalLM key."""
+    if key == "lm_head.weight":
+        return key
+    for ours, theirs in _BITNET_RENAMES.items():
+        key = key.replace(ours, theirs)
+    return "model." + key
+
+
+def _check_bitnet_exportable(model: BitNetForCausalLM) -> None:
+    cfg = model.config
+    if cfg.attention == "mla":
+        raise SLMError("multi-head latent attention has no transformers counterpart (its BitNetForCausalLM "
+                       "is MHA/GQA only); export this model with --format safetensors or ternary")
+    if cfg.sliding_window is not None:
+        raise SLMError("transformers' BitNet has no sliding-window attention; export this model as safetensors")
+    if cfg.num_attention_heads * cfg.dim_per_head != cfg.hidden_size:
+        raise SLMError(f"transformers' BitNet sizes its attention SubLN by hidden_size ({cfg.hidden_size}), "
+                       f"but heads x head_dim is {cfg.num_attention_heads * cfg.dim_per_head}; "
+                       "export this model as safetensors")
+    for name, module in bitlinear_modules(model).items():
+        if module.out_features % 4:
+            raise SLMError(f"transformers' packed BitLinear needs output sizes divisible by 4; {name} has "
+                           f"{module.out_features}; export this model as safetensors or ternary")
+
+
+def _bitnet_config(model: BitNetForCausalLM):
+    tf = _transformers()
+    cfg = model.config
+    scaling = {k: v for k, v in (cfg.rope_scaling or {}).items() if k not in ("type", "rope_type")}
+    hf_cfg = tf.BitNetConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.kv_heads, hidden_act=cfg.hidden_act,
+        max_position_embeddings=cfg.max_position_embeddings, initializer_range=cfg.initializer_range,
+        rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_word_embeddings, attention_bias=False,
+        attention_dropout=cfg.attention_dropout,
+        rope_parameters={"rope_type": rope_type(cfg.rope_scaling), "rope_theta": cfg.rope_theta, **scaling},
+        bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    # offline packed BitLinear; our lm_head (and the embedding) stay float
+    hf_cfg.quantization_config = {"quant_method": "bitnet", "linear_class": "bitlinear",
+                                  "quantization_mode": "offline", "use_rms_norm": False,
+                                  "rms_norm_eps": cfg.rms_norm_eps, "modules_to_not_convert": ["lm_head"]}
+    hf_cfg.architectures = ["BitNetForCausalLM"]
+    return hf_cfg
+
+
+@torch.no_grad()
+def _bitnet_state(model: BitNetForCausalLM) -> dict[str, torch.Tensor]:
+    """Packed codes + scales for every BitLinear (frozen or not), float32 for the rest."""
+    state: dict[str, torch.Tensor] = {}
+    bitlinears = bitlinear_modules(model)
+    for name, module in bitlinears.items():
+        if module.frozen:
+            codes, scale = module.weight_codes, module.weight_scale
+        else:
+            codes, scale = ternary_codes(module.weight)
+        state[_bitnet_name(f"{name}.weight")] = pack_ternary_hf(codes.cpu())
+        state[_bitnet_name(f"{name}.weight_scale")] = scale.reshape(1).float().cpu()
+    skip = {f"{name}.{suffix}" for name in bitlinears for suffix in ("weight", "weight_codes", "weight_scale")}
+    if model.config.tie_word_embeddings:
+        skip.add("lm_head.weight")
+    for key, tensor in model.state_dict().items():
+        if key not in skip:
+            state[_bitnet_name(key)] = tensor.float().cpu()
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def _write_bitnet(model: BitNetForCausalLM, directory: Path) -> None:
+    _check_bitnet_exportable(model)
+    directory.mkdir(parents=True, exist_ok=True)
+    _bitnet_config(model).save_pretrained(str(directory))
+    state = _bitnet_state(model)
+    atomic_write(directory / "model.safetensors",
+                 lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+
+
 def to_transformers(model: CausalLM):
-    """A transformers model object holding our weights (float32, eval mode)."""
+    """A transformers model object holding our weights (float32, eval mode).
+
+    A bitnet model goes through a temporary export folder: transformers builds its packed
+    BitLinear layers only when it loads a checkpoint with a quantization_config.
+    """
+    if isinstance(model, BitNetForCausalLM):
+        with tempfile.TemporaryDirectory() as tmp:
+            _write_bitnet(model, Path(tmp))
+            return _transformers().AutoModelForCausalLM.from_pretrained(tmp).eval()
     if isinstance(model, GPTForCausalLM):
         hf = _gpt2_model(model)
     elif isinstance(model, LlamaForCausalLM):
@@ -103,8 +213,10 @@ def to_transformers(model: CausalLM):
 
 def export_hf(model: CausalLM, directory: str | Path, tokenizer: Any = None) -> None:
     """Write a folder `transformers.AutoModelForCausalLM.from_pretrained` loads as is."""
-    hf = to_transformers(model)
-    hf.save_pretrained(str(directory))
+    if isinstance(model, BitNetForCausalLM):
+        _write_bitnet(model, Path(directory))
+    else:
+        to_transformers(model).save_pretrained(str(directory))
     if tokenizer is not None:
         tokenizer.save(directory)
 

@@ -9,6 +9,7 @@ Models with a bounded context (learned positions) fall back to re-running the la
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -16,20 +17,35 @@ import torch
 from simplified_slm.errors import SLMError
 from simplified_slm.generation.sampling import choose_next
 
+# one compiled decode step per model, reused by every generate call (compiling costs
+# about a minute on a 2-core CPU); weak keys so a dropped model frees its graph
+_COMPILED_STEPS: "weakref.WeakKeyDictionary[Any, Callable[..., Any]]" = weakref.WeakKeyDictionary()
+
+
+def compiled_step(model: Any) -> Callable[..., Any]:
+    """`torch.compile(model)`; after one recompile torch makes the growing cache length a
+    dynamic size, so later steps reuse the graph instead of compiling per token."""
+    step = _COMPILED_STEPS.get(model)
+    if step is None:
+        step = _COMPILED_STEPS[model] = torch.compile(model)
+    return step
+
 
 @torch.no_grad()
 def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int = 100, *, greedy: bool = False,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              repetition_penalty: float = 1.0, eos_token_id: int | None = None,
              pad_token_id: int | None = None, attention_mask: torch.Tensor | None = None,
-             seed: int | None = None, use_cache: bool = True,
+             seed: int | None = None, use_cache: bool = True, compile: bool = False,
              on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """Return prompt + generated ids, shape (batch, prompt_len + new_len).
 
     Batched prompts of different lengths go in left-padded with `attention_mask` (1 = real
     token); each row then gets the same tokens it would get alone. Rows that emit
     `eos_token_id` are padded with `pad_token_id` (default: eos) until all rows finish.
-    `on_token` receives each new column of ids (for streaming output).
+    `on_token` receives each new column of ids (for streaming output). `compile=True` runs
+    the one-token decode steps through `torch.compile` (the prompt runs eagerly); the first
+    call pays the compilation, see benchmarks/bench_decode_smollm2.py for whether it pays.
     """
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
@@ -53,35 +69,44 @@ def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int = 100, *, 
     was_training = model.training
     model.eval()
     device = model.device
-    ids = input_ids.to(device)
-    batch = ids.shape[0]
-    mask = attention_mask.to(device).long() if attention_mask is not None else None
+    batch, prompt_len = input_ids.shape
+    total = prompt_len + max_new_tokens
+    # ids and mask live in buffers of the final length, so a step writes one column
+    # instead of re-allocating the whole history
+    ids_buf = torch.empty(batch, total, dtype=torch.long, device=device)
+    ids_buf[:, :prompt_len] = input_ids
+    mask_buf = None
+    if attention_mask is not None:
+        mask_buf = torch.ones(batch, total, dtype=torch.long, device=device)
+        mask_buf[:, :prompt_len] = attention_mask
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    total = ids.shape[1] + max_new_tokens
     cache = model.make_cache(batch, total if limit is None else min(total, limit)) if use_cache else None
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     fill = pad_token_id if pad_token_id is not None else eos_token_id
+    length = prompt_len
+    step_model = compiled_step(model) if compile and cache is not None else model
     try:
-        out = model(ids, attention_mask=mask, cache=cache)
+        out = model(ids_buf[:, :length], attention_mask=None if mask_buf is None else mask_buf[:, :length],
+                    cache=cache)
         for step in range(max_new_tokens):
+            ids = ids_buf[:, :length]
             nxt = choose_next(out.logits[:, -1], ids, greedy=greedy, temperature=temperature, top_k=top_k,
                               top_p=top_p, repetition_penalty=repetition_penalty, generator=generator)
             if eos_token_id is not None:
                 nxt = torch.where(finished, torch.full_like(nxt, fill), nxt)
                 finished |= nxt == eos_token_id
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-            if mask is not None:
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            ids_buf[:, length] = nxt
+            length += 1
             if on_token is not None:
                 on_token(nxt)
-            if step == max_new_tokens - 1 or bool(finished.all()):
+            if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
                 break
-            if cache is not None and (limit is None or ids.shape[1] <= limit):
-                out = model(nxt[:, None], attention_mask=mask, cache=cache)
+            mask = None if mask_buf is None else mask_buf[:, :length]
+            if cache is not None and (limit is None or length <= limit):
+                out = step_model(ids_buf[:, length - 1:length], attention_mask=mask, cache=cache)
             else:
-                window = ids if limit is None else ids[:, -limit:]
-                window_mask = None if mask is None else mask[:, -window.shape[1]:]
-                out = model(window, attention_mask=window_mask)
+                start = 0 if limit is None else max(0, length - limit)
+                out = model(ids_buf[:, start:length], attention_mask=None if mask is None else mask[:, start:])
     finally:
         model.train(was_training)
-    return ids
+    return ids_buf[:, :length]

@@ -17,6 +17,7 @@ from simplified_slm.tokenizers.bpe import TOKENIZER_FILE, BPETokenizer, min_bpe_
 from simplified_slm.tokenizers.byte import ByteTokenizer
 from simplified_slm.tokenizers.char import CharPolicy, CharTokenizer
 
+RUN_TOKENIZER_DIR = "tokenizer"  # where `slm train` saves the tokenizer inside a run folder
 _SAVED_KINDS: dict[str, type[Tokenizer]] = {cls.kind: cls for cls in (ByteTokenizer, CharTokenizer, BPETokenizer)}
 
 
@@ -63,12 +64,16 @@ def build_tokenizer(cfg: TokenizerConfig, texts: Callable[[], Iterable[str]] | N
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a directory written by `Tokenizer.save`, an HF tokenizer directory or a tokenizer.json."""
+    """Load a directory written by `Tokenizer.save` (a tokenizer, model or checkpoint folder),
+    a run folder (its `tokenizer/`), an HF tokenizer directory or a tokenizer.json."""
     path = Path(path)
     if path.is_file():
         return BPETokenizer.from_file(path)
     if not path.is_dir():
         raise SLMError(f"tokenizer not found: {path}; pass a saved tokenizer directory or a tokenizer.json file")
+    if not any((path / name).is_file() for name in (TOKENIZER_CONFIG, TOKENIZER_FILE)) \
+            and (path / RUN_TOKENIZER_DIR / TOKENIZER_CONFIG).is_file():
+        path = path / RUN_TOKENIZER_DIR  # a training run keeps its tokenizer in a subfolder
     config_path = path / TOKENIZER_CONFIG
     config = read_config_file(config_path) if config_path.is_file() else {}
     if "kind" not in config:  # an HF directory: tokenizer.json plus maybe HF's own config

@@ -289,10 +289,10 @@ class CheckpointManager:
 
 
 def save_training_files(directory: Path, model: torch.nn.Module, tokenizer: Any,
-                        optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+                        optimizer_state: dict[str, Any], state: dict[str, Any]) -> None:
     """Everything needed to resume, written into `directory` (called inside `save`)."""
     model.save_pretrained(directory, tokenizer=tokenizer)
-    torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
+    torch.save(optimizer_state, directory / OPTIMIZER_FILE)
     rng_json, rng_tensors = capture_rng()
     save_file(rng_tensors, str(directory / RNG_FILE))
     (directory / STATE_FILE).write_text(json.dumps({**state, "rng": rng_json}) + "\n")
@@ -347,24 +347,30 @@ def load_training_files(directory: Path, model: torch.nn.Module,
     model.load_weights(directory / "model.safetensors", map_location=model.device)
     state = _read_state(directory)
     if optimizer is not None:
-        path = directory / OPTIMIZER_FILE
-        try:
-            opt_state = torch.load(path, map_location=model.device, weights_only=True)
-        except pickle.UnpicklingError as err:  # weights_only refused a global: never unpickle it
-            raise SLMError(f"{path} holds Python objects other than tensors "
-                           f"({_first_line(err, prefer='GLOBAL')}); refusing to load it, since unpickling "
-                           "it could run code. Use checkpoints you wrote yourself") from None
-        except Exception as err:  # torch.load raises many types on a damaged or foreign file
-            raise SLMError(f"{path} cannot be read ({type(err).__name__}: {_first_line(err)}); the "
-                           "checkpoint is corrupt or was not written by `slm train`") from None
-        try:
-            optimizer.load_state_dict(opt_state)
-        except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
-            raise SLMError(f"optimizer state {directory / OPTIMIZER_FILE} does not fit this model/optimizer "
-                           f"({_first_line(err)}); start a fresh run instead of resuming") from None
+        load_optimizer_state(directory, optimizer.load_state_dict)
     try:
         restore_rng(state.pop("rng"), load_file(str(directory / RNG_FILE)))
     except (SafetensorError, OSError, RuntimeError, ValueError, TypeError, KeyError, IndexError) as err:
         raise SLMError(f"RNG state in {directory} ({RNG_FILE}, {STATE_FILE}) is invalid "
                        f"({_first_line(err)}); the checkpoint is corrupt or was not written by `slm train`") from None
     return state
+
+
+def load_optimizer_state(directory: Path, load: Callable[[dict[str, Any]], None]) -> None:
+    """Read optimizer.pt (tensors only, never unpickled) and hand it to `load` (the
+    optimizer's `load_state_dict`, or FSDP's sharding loader)."""
+    path = Path(directory) / OPTIMIZER_FILE
+    try:
+        opt_state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only refused a global: never unpickle it
+        raise SLMError(f"{path} holds Python objects other than tensors "
+                       f"({_first_line(err, prefer='GLOBAL')}); refusing to load it, since unpickling "
+                       "it could run code. Use checkpoints you wrote yourself") from None
+    except Exception as err:  # torch.load raises many types on a damaged or foreign file
+        raise SLMError(f"{path} cannot be read ({type(err).__name__}: {_first_line(err)}); the "
+                       "checkpoint is corrupt or was not written by `slm train`") from None
+    try:
+        load(opt_state)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+        raise SLMError(f"optimizer state {path} does not fit this model/optimizer "
+                       f"({_first_line(err)}); start a fresh run instead of resuming") from None

@@ -23,6 +23,33 @@ from simplified_slm.tokenizers import TokenizerConfig
 
 
 @dataclasses.dataclass
+class PhaseConfig(ConfigBase):
+    """One curriculum phase: its steps, and whatever it changes from the train section
+    (unset fields inherit it). The lr schedule (warmup included) restarts in each phase."""
+
+    steps: int = 0
+    name: str = ""
+    block_size: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    min_lr: float | None = None
+    warmup_steps: int | None = None
+    lr_schedule: str | None = None
+    dataset: str | None = None  # built-in name or path; null: the data section's training text
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            self._fail("steps", f"must be at least 1, got {self.steps}")
+        if self.dataset == "":
+            self._fail("dataset", "is an empty string; use null for the data section's text")
+
+    def overrides(self) -> dict[str, Any]:
+        """The train fields this phase sets."""
+        fields = ("block_size", "batch_size", "lr", "min_lr", "warmup_steps", "lr_schedule")
+        return {k: getattr(self, k) for k in fields if getattr(self, k) is not None}
+
+
+@dataclasses.dataclass
 class TrainConfig(ConfigBase):
     max_steps: int = 2000
     batch_size: int = 12
@@ -32,7 +59,12 @@ class TrainConfig(ConfigBase):
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 100
-    lr_schedule: str = "cosine"  # cosine | linear | constant
+    lr_schedule: str = "cosine"  # cosine | linear | constant | cosine_restarts
+    restart_period: int = 1000  # cosine_restarts: steps of the first cycle after warmup
+    restart_mult: float = 1.0  # cosine_restarts: each cycle this many times longer than the last
+    muon_lr: float = 0.02  # optimizer muon: lr of the hidden weight matrices (AdamW keeps `lr`)
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float | None = 1.0
@@ -48,11 +80,40 @@ class TrainConfig(ConfigBase):
     keep_checkpoints: int = 2
     precision: str = "fp32"  # fp32 | bf16 | auto (bf16 where the device does it fast)
     compile: bool = False
+    distributed: str = "ddp"  # under torchrun / accelerate launch: ddp (replicas) | fsdp (sharded)
+    gradient_checkpointing: bool = False  # recompute each block's activations in backward: less memory
     device: str = "auto"
     time_limit_s: float | None = None  # stop (with a checkpoint) after this much training time
     max_nonfinite_steps: int = 5  # NaN/inf steps in a row before stopping with a checkpoint
     loggers: list[str] = dataclasses.field(default_factory=lambda: ["csv", "console"])
     progress: bool = True
+    # knowledge distillation (training/distill.py): loss = alpha * T² * KD + (1 - alpha) * CE
+    use_distillation: bool = False
+    distillation_teacher: str | None = None  # our checkpoint/model folder, transformers Llama folder or .gguf
+    distillation_alpha: float = 0.5  # weight of the teacher term
+    distillation_temperature: float = 3.0
+    distillation_top_k: int | None = None  # keep the teacher's top-k logits per position; None: full vocab
+    distillation_cache_dir: str | None = None  # store the teacher's top-k logits here and reuse them
+    # curriculum: phases run one after another; max_steps must equal the sum of their steps
+    phases: list[PhaseConfig] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["phases"] = [p.to_dict() for p in self.phases]
+        return out
+
+    def phase_configs(self) -> list[tuple[int, "TrainConfig", PhaseConfig | None]]:
+        """(first step, the train config in force, the phase) for each phase in order; a run
+        without phases is one phase. Each phase's config has `max_steps` = its own length, so
+        `learning_rate(step - first step, config)` lays its schedule over the phase."""
+        if not self.phases:
+            return [(0, self, None)]
+        out, start = [], 0
+        for phase in self.phases:
+            changes = {**phase.overrides(), "max_steps": phase.steps, "phases": []}
+            out.append((start, self.replace(**changes), phase))
+            start += phase.steps
+        return out
 
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "block_size", "grad_accum_steps", "eval_every",
@@ -69,8 +130,22 @@ class TrainConfig(ConfigBase):
             self._fail("grad_clip", f"must be a positive number or null, got {self.grad_clip}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             self._fail("lr", f"need 0 <= min_lr ({self.min_lr}) <= lr ({self.lr}) and lr > 0")
-        choices = {"optimizer": ("adamw",), "lr_schedule": ("cosine", "linear", "constant"),
-                   "sampler": ("random", "sequential"), "precision": ("fp32", "bf16", "auto")}
+        if self.phases and sum(p.steps for p in self.phases) != self.max_steps:
+            total = sum(p.steps for p in self.phases)
+            self._fail("max_steps", f"is {self.max_steps} but the phases add up to {total} steps; "
+                       f"set max_steps to {total}")
+        if self.distributed == "fsdp" and self.optimizer == "muon":
+            self._fail("distributed", "fsdp shards every matrix, but Muon orthogonalises whole matrices; "
+                       "use optimizer adamw with fsdp, or distributed ddp with muon")
+        if self.restart_period < 1 or not (math.isfinite(self.restart_mult) and self.restart_mult >= 1.0):
+            self._fail("restart_period", f"need restart_period >= 1 (got {self.restart_period}) and "
+                       f"restart_mult >= 1 (got {self.restart_mult})")
+        if not (self.muon_lr > 0 and 0 <= self.muon_momentum < 1 and self.muon_weight_decay >= 0):
+            self._fail("muon_lr", f"need muon_lr > 0 ({self.muon_lr}), 0 <= muon_momentum < 1 "
+                       f"({self.muon_momentum}) and muon_weight_decay >= 0 ({self.muon_weight_decay})")
+        choices = {"optimizer": ("adamw", "muon"),
+                   "lr_schedule": ("cosine", "linear", "constant", "cosine_restarts"),
+                   "sampler": ("random", "sequential"), "distributed": ("ddp", "fsdp"), "precision": ("fp32", "bf16", "auto")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 self._fail(name, f"{getattr(self, name)!r} is not one of {list(allowed)}")
@@ -79,6 +154,17 @@ class TrainConfig(ConfigBase):
         for logger in self.loggers:
             if logger not in ("csv", "console", "tensorboard", "wandb"):
                 self._fail("loggers", f"unknown logger {logger!r}; use csv, console, tensorboard, wandb")
+        if not (math.isfinite(self.distillation_alpha) and 0 <= self.distillation_alpha <= 1):
+            self._fail("distillation_alpha", f"must be in [0, 1], got {self.distillation_alpha}")
+        if not (math.isfinite(self.distillation_temperature) and self.distillation_temperature > 0):
+            self._fail("distillation_temperature", f"must be a positive number, got {self.distillation_temperature}")
+        if self.distillation_top_k is not None and self.distillation_top_k < 1:
+            self._fail("distillation_top_k", f"must be at least 1 or null (full vocab), got {self.distillation_top_k}")
+        if self.use_distillation and not self.distillation_teacher:
+            self._fail("distillation_teacher", "use_distillation needs a teacher: a checkpoint or model folder, "
+                       "a transformers Llama folder or a .gguf file")
+        if self.distillation_cache_dir is not None and self.distillation_top_k is None:
+            self._fail("distillation_cache_dir", "the cache stores top-k logits; set distillation_top_k (e.g. 64)")
 
 
 @dataclasses.dataclass

@@ -1,8 +1,11 @@
-"""Training-time health numbers: ternary code shares of BitLinear weights, grad norms by group.
+"""Training-time health numbers: ternary code shares of BitLinear weights, grad norms by
+group, firing rates of spiking neurons.
 
-Both functions return flat `{metric name: float}` dicts ready for `loggers.log`, so the
+Every function returns a flat `{metric name: float}` dict ready for `loggers.log`, so the
 trainer can call them at log steps without knowing the model family. A model with no
-BitLinear layers (e.g. `gpt`) simply yields no `ternary/...` metrics.
+BitLinear layers (e.g. `gpt`) simply yields no `ternary/...` metrics, one without LIF
+neurons no `snn/...` metrics. `firing_rates` is defined next to the neurons
+(`layers.lif`) so the evaluator can use it without importing the training layer.
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ import re
 import torch
 from torch import nn
 
+from simplified_slm.layers.lif import firing_rates
 from simplified_slm.ops.bitnet import BitLinear, ternary_codes
+
+__all__ = ["firing_rates", "grad_norms_by_group", "parameter_group", "ternary_stats"]
 
 _EMBEDDING_NAMES = ("embed", "wte", "wpe", "tok_emb", "pos_emb")
 _HEAD_NAMES = ("lm_head", "head", "norm", "ln_f", "final_norm")

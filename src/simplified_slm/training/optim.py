@@ -3,11 +3,17 @@
 Weight decay applies only to tensors of rank >= 2 (matrices, embeddings): decaying norms'
 gains and biases pulls them toward zero for no benefit. The schedule is a pure function of
 the step so resuming needs no scheduler state.
+
+`optimizer: muon` pairs `torch.optim.Muon` (orthogonalised momentum; it only accepts 2-D
+tensors and is meant for hidden weight matrices) with AdamW for everything Muon should not
+see: embeddings, the LM head, norms' gains and biases. Every param group carries its own
+`base_lr`; the schedule gives a factor that scales all of them alike.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,28 +21,100 @@ from torch import nn
 from simplified_slm.training.config import TrainConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+def _adamw_groups(params: list[nn.Parameter], lr: float, weight_decay: float) -> list[dict]:
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay, "base_lr": lr},
+            {"params": no_decay, "weight_decay": 0.0, "base_lr": lr}]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
-    # fused AdamW runs the whole update in one kernel per device (CPU included since torch 2.4)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
+def param_groups(model: nn.Module, weight_decay: float, lr: float = 0.0) -> list[dict]:
+    return _adamw_groups([p for p in model.parameters() if p.requires_grad], lr, weight_decay)
+
+
+def _muon_eligible(model: nn.Module) -> set[int]:
+    """ids of hidden 2-D weight matrices: not embeddings, not the LM head (tied or not)."""
+    excluded = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) or name.split(".")[-1] in ("lm_head", "embed_positions"):
+            excluded.update(id(p) for p in module.parameters(recurse=False))
+    return {id(p) for p in model.parameters() if p.requires_grad and p.dim() == 2 and id(p) not in excluded}
+
+
+class CombinedOptimizer:
+    """Several optimizers stepped as one: `param_groups` lists all their groups (so the
+    trainer sets learning rates in one place) and the state dict nests theirs by name."""
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers.values() for g in opt.param_groups]
+
+    def step(self) -> None:
+        for opt in self.optimizers.values():
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict) or set(state_dict) != set(self.optimizers):
+            raise ValueError(f"expected optimizer states for {sorted(self.optimizers)}")
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state_dict[name])
+
+
+Optimizer = torch.optim.Optimizer | CombinedOptimizer
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> Optimizer:
+    if cfg.optimizer == "adamw":
+        groups = param_groups(model, cfg.weight_decay, cfg.lr)
+        # fused AdamW runs the whole update in one kernel per device (CPU included since torch 2.4)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
+    hidden = _muon_eligible(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    muon_params = [p for p in trainable if id(p) in hidden]
+    adam_params = [p for p in trainable if id(p) not in hidden]
+    parts: dict[str, torch.optim.Optimizer] = {
+        "adamw": torch.optim.AdamW(_adamw_groups(adam_params, cfg.lr, cfg.weight_decay), lr=cfg.lr,
+                                   betas=cfg.betas, fused=True)}
+    if muon_params:
+        parts["muon"] = torch.optim.Muon(
+            [{"params": muon_params, "base_lr": cfg.muon_lr}], lr=cfg.muon_lr,
+            weight_decay=cfg.muon_weight_decay, momentum=cfg.muon_momentum, adjust_lr_fn="original")
+    return CombinedOptimizer(parts)
+
+
+def set_learning_rate(optimizer: Optimizer, lr: float, cfg: TrainConfig) -> None:
+    """Scale every group's `base_lr` by the schedule's lr relative to `cfg.lr`."""
+    factor = lr / cfg.lr
+    for group in optimizer.param_groups:
+        group["lr"] = group.get("base_lr", cfg.lr) * factor
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to `lr`, then cosine / linear decay to `min_lr` at `max_steps`."""
+    """Linear warmup to `lr`, then decay to `min_lr` at `max_steps`: cosine, linear, or
+    cosine with warm restarts (SGDR: cycles of `restart_period` steps, each `restart_mult`
+    times longer than the last, the lr jumping back to `lr` at each restart)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
     if cfg.lr_schedule == "constant":
         return cfg.lr
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    if cfg.lr_schedule == "cosine_restarts":
+        into, period = step - cfg.warmup_steps, float(cfg.restart_period)
+        while into >= period:
+            into -= period
+            period *= cfg.restart_mult
+        progress = into / period
+    else:
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     if cfg.lr_schedule == "linear":
         return cfg.lr - (cfg.lr - cfg.min_lr) * progress
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))

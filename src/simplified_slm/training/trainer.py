@@ -7,6 +7,8 @@ every RNG, so a resumed run repeats the uninterrupted run's losses bit for bit o
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import signal
 import sys
@@ -18,18 +20,32 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from simplified_slm.data import BatchSampler, iter_eval_batches, prepare_dataset, read_documents
+from simplified_slm.data import DataConfig, iter_eval_batches, prepare_dataset, read_documents
 from simplified_slm.errors import SLMError
 from simplified_slm.evaluation.metrics import evaluate_lm
 from simplified_slm.models.base import CausalLM, next_token_loss
+from simplified_slm.models.checkpointing import checkpointed_blocks, enable_gradient_checkpointing
 from simplified_slm.models.registry import build_model
 from simplified_slm.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
-from simplified_slm.training.checkpoint import CheckpointManager, load_training_files, save_training_files
+from simplified_slm.training.checkpoint import (
+    CheckpointManager,
+    load_optimizer_state,
+    load_training_files,
+    save_training_files,
+)
 from simplified_slm.training.config import ExperimentConfig
+from simplified_slm.training.curriculum import build_phases, phase_at
+from simplified_slm.training.distill import Distiller
+from simplified_slm.training.distributed import (
+    gather_full_state,
+    init_distributed,
+    load_full_optimizer_state,
+    shard_model,
+)
 from simplified_slm.training.hooks import ActivationStats, build_hooks
-from simplified_slm.training.loggers import build_loggers
-from simplified_slm.training.monitoring import grad_norms_by_group, ternary_stats
-from simplified_slm.training.optim import build_optimizer, learning_rate
+from simplified_slm.training.loggers import MultiLogger, build_loggers
+from simplified_slm.training.monitoring import firing_rates, grad_norms_by_group, ternary_stats
+from simplified_slm.training.optim import build_optimizer, set_learning_rate
 from simplified_slm.training.run_info import RunLock, new_run_id, write_run_info
 
 
@@ -73,6 +89,7 @@ class TrainResult:
     val_metrics: dict[str, float]
     losses: list[float] = field(default_factory=list)  # train loss of each step run in this call
     checkpoint: Path | None = None
+    is_main: bool = True  # False on the other ranks of a multi-process run, which print nothing
 
 
 class Trainer:
@@ -85,17 +102,32 @@ class Trainer:
         self.until = until
         self.say = say or (lambda message: tqdm.write(message, file=sys.stderr))
         self.run_dir = Path(cfg.output_dir)
-        self.device = resolve_device(cfg.train.device)
+        self.dist, device_name = init_distributed(cfg.train.device)
+        self.device = resolve_device(device_name)
+        if not self.dist.is_main:  # rank 0 reports for the run; errors still raise everywhere
+            self.say = lambda message: None
         self._stop_reason: str | None = None
 
     # ----------------------------------------------------------------- set-up
     def _tokenizer(self) -> Tokenizer:
         tok_dir = self.run_dir / "tokenizer"
-        if (tok_dir / "tokenizer_config.json").is_file():
+        if not self.dist.is_main:
+            self.dist.barrier()  # rank 0 builds and saves it first
             return load_tokenizer(tok_dir)
-        tokenizer = build_tokenizer(self.cfg.tokenizer, training_texts(self.cfg))
-        tokenizer.save(tok_dir)
+        if (tok_dir / "tokenizer_config.json").is_file():
+            tokenizer = load_tokenizer(tok_dir)
+        else:
+            tokenizer = build_tokenizer(self.cfg.tokenizer, training_texts(self.cfg))
+            tokenizer.save(tok_dir)
+        self.dist.barrier()
         return tokenizer
+
+    def _prepare(self, data_cfg: DataConfig, tokenizer: Tokenizer, directory: Path) -> Any:
+        """Rank 0 tokenizes; the other ranks then find its files and reuse them."""
+        if self.dist.is_main:
+            data = prepare_dataset(data_cfg, tokenizer, directory)
+        self.dist.barrier()
+        return data if self.dist.is_main else prepare_dataset(data_cfg, tokenizer, directory)
 
     def _find_resume(self, ckpts: CheckpointManager) -> Path | None:
         if self.resume is None:
@@ -123,7 +155,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise SLMError(f"cannot create {self.run_dir}: {err.strerror}; choose a writable output_dir") from None
-        with RunLock(self.run_dir, resume=self.resume is not None):
+        lock = RunLock(self.run_dir, resume=self.resume is not None) if self.dist.is_main else contextlib.nullcontext()
+        with lock:
             handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
             try:
                 for sig in handlers:
@@ -135,52 +168,85 @@ class Trainer:
             finally:
                 for sig, handler in handlers.items():
                     signal.signal(sig, handler)
+                self.dist.close()
 
     def _run(self) -> TrainResult:
         cfg, tcfg = self.cfg, self.cfg.train
         torch.manual_seed(cfg.seed)
         tokenizer = self._tokenizer()
-        data = prepare_dataset(cfg.data, tokenizer, self.run_dir / "data")
+        data = self._prepare(cfg.data, tokenizer, self.run_dir / "data")
         token_bytes = tokenizer.token_byte_lengths()
         model = build_model(cfg.model_config(tokenizer.vocab_size)).to(self.device)
-        if model.max_context is not None and tcfg.block_size > model.max_context:
-            raise SLMError(f"train.block_size ({tcfg.block_size}) exceeds the model's context "
-                           f"({model.max_context}); lower block_size or raise the model's context")
-        optimizer = build_optimizer(model, tcfg)
-        sampler = BatchSampler(data.train, tcfg.block_size, tcfg.batch_size, cfg.seed, mode=tcfg.sampler)
+        distiller = (Distiller.from_config(tcfg, tokenizer, self.device, autocast_dtype(tcfg.precision, self.device))
+                     if tcfg.use_distillation else None)
+
+        def phase_tokens(index: int, dataset: str) -> Any:
+            data_cfg = dataclasses.replace(cfg.data, dataset=dataset, train_file=None, val_file=None)
+            return self._prepare(data_cfg, tokenizer, self.run_dir / "data" / f"phase{index + 1}").train
+
+        phases = build_phases(cfg, data.train, phase_tokens, model.max_context, self.dist.world_size)
+        if tcfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         forward_hooks, update_hooks, hook_names = build_hooks(cfg.hooks)
         for hook in forward_hooks:
             hook.attach(model)
 
         ckpts = CheckpointManager(self.run_dir / "checkpoints", tcfg.keep_checkpoints, self.say)
-        start = self._find_resume(ckpts)
+        start = self.dist.from_main(self._find_resume(ckpts) if self.dist.is_main else None)
         step, best_val, run_id = 0, math.inf, new_run_id()
+        if start is not None:  # weights and RNG now, into the plain model; the optimizer below
+            state = load_training_files(start, model, None)
+            step, best_val, run_id = state["step"], state["best_val_loss"], state["run_id"]
+        fsdp = self.dist.enabled and tcfg.distributed == "fsdp"
+        if self.dist.enabled:
+            self.say(f"distributed: {self.dist.world_size} processes, {tcfg.distributed} over "
+                     f"{torch.distributed.get_backend()}")
+        if fsdp:
+            shard_model(model, checkpointed_blocks(model))
+        optimizer = build_optimizer(model, tcfg)
         if start is not None:
-            state = load_training_files(start, model, optimizer)
+            load_optimizer_state(start, (lambda sd: load_full_optimizer_state(model, optimizer, sd)) if fsdp
+                                 else optimizer.load_state_dict)
             if state.get("config_hash") != cfg.hash():
                 self.say(f"note: resuming {start.name} with a changed config")
-            step, best_val, run_id = state["step"], state["best_val_loss"], state["run_id"]
             self.say(f"resumed from {start} at step {step}")
-        write_run_info(self.run_dir, run_id, cfg, hook_names, model, resumed_from=start)
-        loggers = build_loggers(tcfg.loggers, self.run_dir, run_id, cfg.to_dict(), self.say)
+        if self.dist.is_main:
+            write_run_info(self.run_dir, run_id, cfg, hook_names, model, resumed_from=start)
+            loggers = build_loggers(tcfg.loggers, self.run_dir, run_id, cfg.to_dict(), self.say)
+        else:
+            loggers = MultiLogger([])
         amp = autocast_dtype(tcfg.precision, self.device)
-        forward = torch.compile(model) if tcfg.compile else model
+        forward: torch.nn.Module = model
+        if self.dist.enabled and not fsdp:
+            forward = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        forward = torch.compile(forward) if tcfg.compile else forward
         stats_hooks = [h for h in forward_hooks if isinstance(h, ActivationStats)]
 
-        def eval_metrics() -> dict[str, float]:
-            batches = iter_eval_batches(data.val, tcfg.block_size, tcfg.batch_size, tcfg.eval_batches)
+        def eval_metrics(pcfg: Any) -> dict[str, float]:
+            """At the current phase's context length, on the data section's validation text."""
+            batches = iter_eval_batches(data.val, pcfg.block_size, pcfg.batch_size, tcfg.eval_batches)
             return evaluate_lm(model, batches, token_bytes, self.device, amp)
 
         def save(at_step: int, best: bool = False) -> Path:
+            saved_model, optimizer_state = model, None
+            if fsdp:  # every rank takes part in gathering the shards; rank 0 writes them
+                model_state, optimizer_state = gather_full_state(model, optimizer)
+                if self.dist.is_main:
+                    saved_model = build_model(model.config)
+                    saved_model.load_state_dict(model_state)
+            if not self.dist.is_main:  # rank 0 writes; the others only track the name
+                return ckpts.root / f"step_{at_step:08d}"
+            if optimizer_state is None:
+                optimizer_state = optimizer.state_dict()
             state = {"step": at_step, "best_val_loss": best_val, "run_id": run_id, "config_hash": cfg.hash(),
                      "config": cfg.to_dict()}
-            return ckpts.save(at_step, lambda d: save_training_files(d, model, tokenizer, optimizer, state), best)
+            return ckpts.save(at_step, lambda d: save_training_files(d, saved_model, tokenizer, optimizer_state, state), best)
 
         losses: list[float] = []
         val: dict[str, float] = {}
         last_ckpt: Path | None = start  # a resumed run's checkpoint already holds its step
         bad_in_row = 0
-        tokens_per_step = tcfg.batch_size * tcfg.block_size * tcfg.grad_accum_steps
         bar = tqdm(total=tcfg.max_steps, initial=step, disable=not tcfg.progress, dynamic_ncols=True,
                    desc="train", unit="step")
         started = time.perf_counter()
@@ -188,24 +254,38 @@ class Trainer:
         model.train()
         try:
             while step < tcfg.max_steps:
-                lr = learning_rate(step, tcfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                phase = phase_at(phases, step)
+                pcfg = phase.cfg
+                if step == phase.start and len(phases) > 1:
+                    self.say(f"curriculum: {phase.describe()}")
+                tokens_per_step = pcfg.batch_size * pcfg.block_size * pcfg.grad_accum_steps
+                lr = phase.learning_rate(step)
+                set_learning_rate(optimizer, lr, tcfg)
                 for hook in stats_hooks:
                     hook.active = (step + 1) % hook.every == 0
                 step_loss = 0.0
                 aux_total = 0.0
+                ce_total = kd_total = 0.0  # the two parts of a distillation loss
                 for micro in range(tcfg.grad_accum_steps):
-                    x, y = sampler.batch(step * tcfg.grad_accum_steps + micro)
-                    x, y = x.to(self.device), y.to(self.device)
-                    with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
-                        out = forward(x)
-                        loss = next_token_loss(out.logits, y)
-                        total = loss + out.aux_loss if out.aux_loss is not None else loss
-                    (total / tcfg.grad_accum_steps).backward()
+                    x, y = phase.batch(step, micro)
+                    x, y = self.dist.shard(x).to(self.device), self.dist.shard(y).to(self.device)
+                    # DDP averages gradients once per step, on the last micro-batch
+                    sync = micro == tcfg.grad_accum_steps - 1 or not self.dist.enabled
+                    with contextlib.nullcontext() if sync else forward.no_sync():
+                        with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
+                            out = forward(x)
+                            if distiller is None:
+                                loss = next_token_loss(out.logits, y)
+                            else:
+                                loss, ce, kd = distiller.loss(out.logits, x, y)
+                                ce_total += ce.item() / tcfg.grad_accum_steps
+                                kd_total += kd.item() / tcfg.grad_accum_steps
+                            total = loss + out.aux_loss if out.aux_loss is not None else loss
+                        (total / tcfg.grad_accum_steps).backward()
                     step_loss += loss.item() / tcfg.grad_accum_steps
                     if out.aux_loss is not None:
                         aux_total += out.aux_loss.item() / tcfg.grad_accum_steps
+                step_loss, aux_total = self.dist.mean(step_loss), self.dist.mean(aux_total)
                 for hook in update_hooks:
                     hook.apply(model, step)
                 log_now = (step + 1) % tcfg.log_every == 0
@@ -236,6 +316,9 @@ class Trainer:
                     self._stop_reason = self._stop_reason or "time limit"
                 if self.until is not None and step >= self.until:
                     self._stop_reason = self._stop_reason or f"paused at --until {self.until}"
+                if self.dist.enabled and self.dist.any(self._stop_reason is not None):
+                    # every rank stops at the same step, for the reason rank 0 gives
+                    self._stop_reason = self.dist.from_main(self._stop_reason or "stopped by another rank")
                 # a planned end (last step, time limit, pause) gets a final eval and sample; a
                 # signal only gets its checkpoint, as fast as possible
                 ending = step == tcfg.max_steps or (self._stop_reason is not None
@@ -247,8 +330,12 @@ class Trainer:
                                "train/tokens_per_s": tok_s, "train/tokens": float(step * tokens_per_step)}
                     if aux_total:
                         metrics["train/aux_loss"] = aux_total
+                    if distiller is not None:  # every rank logs at the same steps, so the means line up
+                        metrics["train/ce_loss"] = self.dist.mean(ce_total)
+                        metrics["train/kd_loss"] = self.dist.mean(kd_total)
                     metrics.update(group_norms)
                     metrics.update(ternary_stats(model))
+                    metrics.update(firing_rates(model))
                     metrics.update(getattr(model, "last_compression", {}))
                     for hook in forward_hooks:
                         metrics.update(hook.metrics())
@@ -256,13 +343,14 @@ class Trainer:
                     bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
                     window_start, window_steps = now, 0
                 if step % tcfg.eval_every == 0 or ending:
-                    val = eval_metrics()
+                    val = eval_metrics(pcfg)
                     loggers.log(step, {f"val/{k}": v for k, v in val.items() if k not in ("tokens", "bytes")})
                     if val["loss"] < best_val:
                         best_val = val["loss"]
                         last_ckpt = save(step, best=True)
-                if step % tcfg.sample_every == 0 or ending:
-                    loggers.log_text(step, "sample", self._sample(model, tokenizer, step))
+                if (step % tcfg.sample_every == 0 or ending) and (self.dist.is_main or fsdp):
+                    sample = self._sample(model, tokenizer, step)  # FSDP: a collective, all ranks sample
+                    loggers.log_text(step, "sample", sample)
                 if step % tcfg.checkpoint_every == 0 and (last_ckpt is None or not last_ckpt.name.endswith(f"{step:08d}")):
                     last_ckpt = save(step)
                 if self._stop_reason:
@@ -276,7 +364,7 @@ class Trainer:
             self.say(f"stopped at step {step} ({self._stop_reason}); checkpoint {last_ckpt}; "
                      "continue with --resume auto")
         interrupted = self._stop_reason in SIGNAL_STOPS
-        return TrainResult(self.run_dir, step, interrupted, val, losses, last_ckpt)
+        return TrainResult(self.run_dir, step, interrupted, val, losses, last_ckpt, self.dist.is_main)
 
     def _sample(self, model: CausalLM, tokenizer: Tokenizer, step: int) -> str:
         tcfg = self.cfg.train
