@@ -14,7 +14,7 @@ it is the reference the fast path is tested against, what exporters that do not 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ from simplified_slm.layers.rope import Rotary
 
 LinearFactory = Callable[..., nn.Module]
 AttnImplementation = Literal["sdpa", "eager"]
-ATTN_IMPLEMENTATIONS: tuple[str, ...] = ("sdpa", "eager")
+ATTN_IMPLEMENTATIONS: tuple[str, ...] = get_args(AttnImplementation)
 # dtypes every SDPA backend accepts; anything else (fp8, integers) takes the eager path
 SDPA_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64})
 
