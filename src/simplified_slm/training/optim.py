@@ -21,15 +21,12 @@ from torch import nn
 from simplified_slm.training.config import TrainConfig
 
 
-def _adamw_groups(params: list[nn.Parameter], lr: float, weight_decay: float) -> list[dict]:
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay, "base_lr": lr},
-            {"params": no_decay, "weight_decay": 0.0, "base_lr": lr}]
-
-
-def param_groups(model: nn.Module, weight_decay: float, lr: float = 0.0) -> list[dict]:
-    return _adamw_groups([p for p in model.parameters() if p.requires_grad], lr, weight_decay)
+def _adamw(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW at `lr`, decaying only tensors of rank >= 2."""
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "base_lr": cfg.lr}]
+    # fused AdamW runs the whole update in one kernel per device (CPU included since torch 2.4)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
 
 
 def _muon_eligible(model: nn.Module) -> set[int]:
@@ -74,17 +71,12 @@ Optimizer = torch.optim.Optimizer | CombinedOptimizer
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> Optimizer:
-    if cfg.optimizer == "adamw":
-        groups = param_groups(model, cfg.weight_decay, cfg.lr)
-        # fused AdamW runs the whole update in one kernel per device (CPU included since torch 2.4)
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
-    hidden = _muon_eligible(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        return _adamw(trainable, cfg)
+    hidden = _muon_eligible(model)
     muon_params = [p for p in trainable if id(p) in hidden]
-    adam_params = [p for p in trainable if id(p) not in hidden]
-    parts: dict[str, torch.optim.Optimizer] = {
-        "adamw": torch.optim.AdamW(_adamw_groups(adam_params, cfg.lr, cfg.weight_decay), lr=cfg.lr,
-                                   betas=cfg.betas, fused=True)}
+    parts: dict[str, torch.optim.Optimizer] = {"adamw": _adamw([p for p in trainable if id(p) not in hidden], cfg)}
     if muon_params:
         parts["muon"] = torch.optim.Muon(
             [{"params": muon_params, "base_lr": cfg.muon_lr}], lr=cfg.muon_lr,
