@@ -104,6 +104,27 @@ def test_wandb_offline_run_folder(trained):
     assert b"train/loss" in data[0].read_bytes()  # the metric names are in the run's record file
 
 
+def test_console_logger_prints_evals_and_samples_only(tmp_path):
+    from simplified_slm.training.loggers import ConsoleLogger, build_loggers
+
+    printed: list[str] = []
+    console = ConsoleLogger(printed.append)
+    console.log(5, {"train/loss": 2.5, "train/lr": 1e-3})  # per-step numbers are the progress bar's
+    assert printed == []
+    console.log(10, {"val/loss": 1.234567, "train/loss": 2.0, "val/bpb": 1.5})
+    assert printed == ["step 10: val/loss 1.2346  val/bpb 1.5000"]
+    console.log_text(10, "sample", "ROMEO: hi")
+    assert printed[-1] == "--- sample at step 10 ---\nROMEO: hi\n---"
+    # behind the one interface: "console" adds it next to the always-on CSV logger
+    printed.clear()
+    loggers = build_loggers(["console"], tmp_path, "run", {}, printed.append)
+    loggers.log(20, {"val/loss": 0.5, "train/loss": 0.7})
+    loggers.close()
+    assert printed == ["step 20: val/loss 0.5000"]
+    assert (tmp_path / "metrics.csv").read_text().count("\n20,") == 2
+    assert [type(x).__name__ for x in loggers.loggers] == ["CSVLogger", "ConsoleLogger"]
+
+
 def test_wandb_missing_is_one_clear_error(tmp_path, monkeypatch):
     from simplified_slm.training.loggers import WandbLogger
 
@@ -276,4 +297,10 @@ def test_grad_norms_by_group_matches_clip_grad_norm():
     assert parameter_group("layers.12.mlp.up_proj.weight") == "layer12"
     assert parameter_group("embed_tokens.weight") == "embeddings"
     assert parameter_group("norm.weight") == "head"
+    # H-Net: by stage and part (the stages nest under `inner`)
+    assert parameter_group("stage.encoder.layers.0.attn.i_proj.weight") == "stage0.encoder"
+    assert parameter_group("stage.inner.decoder.norm.weight") == "stage1.decoder"
+    assert parameter_group("stage.inner.router.q_proj.weight") == "stage1.routing"
+    assert parameter_group("stage.residual_proj.weight") == parameter_group("stage.pad") == "stage0.routing"
+    assert parameter_group("stage.inner.inner.main.layers.0.mlp.up_proj.weight") == "main"
 

@@ -122,3 +122,59 @@ def test_generate_refuses_a_corrupted_checkpoint(trained, tmp_path):
     weights.write_bytes(bytes(data))
     result = run_cli("generate", "--model_path", str(copy), "--prompt", "x", "--max_tokens", "2")
     assert result.returncode == 2 and "SHA-256" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_root_train_script_trains_from_a_config(tmp_path):
+    """Seed 000: `python train.py --config configs/...json`, run from the repository root."""
+    run = tmp_path / "run"
+    overrides = ["train.max_steps=4", "train.eval_every=4", "train.checkpoint_every=4", "train.sample_every=4",
+                 "train.log_every=2", "train.loggers=[csv]", "train.eval_batches=1"]
+    result = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny_test.json", "--output_dir",
+                             str(run), *(a for o in overrides for a in ("--set", o))], cwd=REPO,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["step"] == 4 and report["val_loss"] > 0
+    assert (run / "checkpoints" / "latest").resolve().name == "step_00000004"
+    assert json.loads((run / "run.json").read_text())["config"]["run_name"] == "tiny-test"
+
+
+def _generated(capsys, ckpt, *options):
+    assert main(["generate", "--model_path", ckpt, "--prompt", "KING:", "--max_tokens", "40", *options]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("KING:")
+    return out
+
+
+@pytest.mark.parametrize("option,narrow,wide", [("--top_k", "1", "5"), ("--top_p", "1e-6", "0.9")])
+def test_generate_with_top_k_and_top_p(trained, capsys, option, narrow, wide):
+    ckpt = str(trained / "checkpoints" / "best")
+    greedy = _generated(capsys, ckpt, "--greedy")
+    # plain sampling wanders off the greedy path, so matching it below is the filter's doing
+    assert _generated(capsys, ckpt, "--seed", "3", "--temperature", "1.5") != greedy
+    # keeping only the most likely token is greedy decoding, whatever the seed and temperature
+    assert _generated(capsys, ckpt, option, narrow, "--seed", "3", "--temperature", "1.5") == greedy
+    sampled = _generated(capsys, ckpt, option, wide, "--seed", "3")
+    assert sampled == _generated(capsys, ckpt, option, wide, "--seed", "3")  # seeded: reproducible
+
+
+def test_tokenizer_model_vocab_mismatch_is_one_line(trained, tmp_path):
+    from simplified_slm.models import CausalLM
+    from simplified_slm.tokenizers import ByteTokenizer, load_tokenizer
+
+    model = CausalLM.from_pretrained(trained / "checkpoints" / "best")
+    assert model.config.vocab_size < 256
+    model.save_pretrained(tmp_path / "bytes", tokenizer=ByteTokenizer())  # 256 ids for a smaller model
+    result = run_cli("generate", "--model_path", str(tmp_path / "bytes"), "--prompt", "x", "--max_tokens", "2")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "has 256 ids but the model only" in lines[0] and "do not belong together" in lines[0]
+    # a tokenizer_config.json whose vocab_size disagrees with the saved vocab file
+    model.save_pretrained(tmp_path / "edited", tokenizer=load_tokenizer(trained / "checkpoints" / "best"))
+    config = json.loads((tmp_path / "edited" / "tokenizer_config.json").read_text())
+    config["vocab_size"] += 7
+    (tmp_path / "edited" / "tokenizer_config.json").write_text(json.dumps(config))
+    result = run_cli("generate", "--model_path", str(tmp_path / "edited"), "--prompt", "x", "--max_tokens", "2")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"says vocab_size {config['vocab_size']}" in lines[0] and "save the tokenizer again" in lines[0]

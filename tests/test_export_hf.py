@@ -141,3 +141,115 @@ def test_mla_and_unpackable_bitnet_exports_fail_clearly(tmp_path):
     with pytest.raises(SLMError, match="divisible by 4"):
         export_hf(odd, tmp_path / "odd")
     assert not (tmp_path / "mla").exists()
+
+
+# --- the exported tokenizer, as transformers' AutoTokenizer loads it ------------------------
+
+TOKENIZER_TEXTS = ["Once upon a time, a little girl named Lily found a shiny red ball.",
+                   "  Two  spaces, tabs\tand\nnew lines; café, naïve, 日本語 and emoji 🙂!",
+                   "the end.<|endoftext|>Another story"]
+
+
+def test_exported_bpe_tokenizer_loads_in_auto_tokenizer(tmp_path, python_exe):
+    import subprocess
+
+    from simplified_slm.data.corpus import read_documents
+    from simplified_slm.tokenizers import BPETokenizer, load_tokenizer
+
+    text = "".join(d.text for d in read_documents("tinystories", split="validation"))[:200_000]
+    ours = BPETokenizer.train([text], vocab_size=400)
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(vocab_size=ours.vocab_size, n_layers=1, d_model=32, n_heads=2,
+                                  context_length=48, dropout=0.0, init_std=0.3)).eval()
+    model.save_pretrained(tmp_path / "model", tokenizer=ours)
+    run = subprocess.run([python_exe, "-m", "simplified_slm.cli", "export", "--checkpoint", str(tmp_path / "model"),
+                          "--format", "hf", "--out", str(tmp_path / "hf")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+    auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    for sample in TOKENIZER_TEXTS:
+        ids = ours.encode_ids(sample)
+        assert auto(sample)["input_ids"] == ids
+        assert auto.decode(ids) == ours.decode(ids) == sample
+    assert (auto.eos_token, auto.pad_token) == ("<|endoftext|>", "<|pad|>")
+    assert (auto.eos_token_id, auto.pad_token_id) == (ours.eos_token_id, ours.pad_token_id)
+    assert auto.model_max_length == 48 and auto.padding_side == "right"
+    batch = auto(TOKENIZER_TEXTS[:2], padding=True)
+    short = len(ours.encode_ids(TOKENIZER_TEXTS[0]))
+    assert batch["input_ids"][0][short:] == [ours.pad_token_id] * (len(batch["input_ids"][0]) - short)
+    assert batch["attention_mask"][0] == [1] * short + [0] * (len(batch["input_ids"][0]) - short)
+
+    # our own loader still reads the folder as the same tokenizer
+    back = load_tokenizer(tmp_path / "hf")
+    assert isinstance(back, BPETokenizer) and back.special_ids() == ours.special_ids()
+    assert back.encode_ids(TOKENIZER_TEXTS[1]) == ours.encode_ids(TOKENIZER_TEXTS[1])
+
+    # transformers end to end: its tokenizer, its model, our text
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    prompt = auto("Once upon a time", return_tensors="pt")
+    out = hf.generate(**prompt, max_new_tokens=10, do_sample=False)
+    assert auto.decode(out[0]) == ours.decode(model.generate(prompt["input_ids"], 10, greedy=True)[0])
+
+
+def test_exported_byte_tokenizer_loads_in_auto_tokenizer(tmp_path):
+    from simplified_slm.tokenizers import ByteTokenizer, CharTokenizer, load_tokenizer
+
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(vocab_size=256, n_layers=1, d_model=32, n_heads=2, context_length=32))
+    export_hf(model, tmp_path / "bytes", ByteTokenizer())
+    auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "bytes"))
+    for sample in TOKENIZER_TEXTS:
+        ids = list(sample.encode("utf-8"))
+        assert auto(sample)["input_ids"] == ids
+        assert auto.decode(ids) == sample
+    assert isinstance(load_tokenizer(tmp_path / "bytes"), ByteTokenizer)
+    # char vocabularies stay ours only (no exact `tokenizers` equivalent); our loader reads them
+    char = CharTokenizer()
+    export_hf(build_model(GPTConfig(vocab_size=char.vocab_size, n_layers=1, d_model=32, n_heads=2,
+                                    context_length=32)), tmp_path / "chars", char)
+    assert isinstance(load_tokenizer(tmp_path / "chars"), CharTokenizer)
+
+
+class _RunsCode:
+    """Unpickling this creates a file: what a hostile pytorch_model.bin could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return Path.touch, (Path(self.marker),)
+
+
+def test_import_reads_safetensors_only_and_refuses_pickle_weights(tmp_path, monkeypatch):
+    import pickle
+    import shutil
+
+    model = LlamaForCausalLM(LlamaConfig.preset("tiny", vocab_size=64)).eval()
+    export_hf(model, tmp_path / "good")
+    calls = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    import_hf_llama(tmp_path / "good")
+    assert calls and calls[0].get("use_safetensors") is True  # transformers never falls back to .bin
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(tmp_path / "good" / "config.json", bad / "config.json")
+    marker = tmp_path / "code_ran"
+    (bad / "pytorch_model.bin").write_bytes(pickle.dumps({"weights": _RunsCode(marker)}))
+    with pytest.raises(SLMError) as err:
+        import_hf_llama(bad)
+    assert "no safetensors weights (only pytorch_model.bin (pickle" in str(err.value)
+    assert "\n" not in str(err.value) and not marker.exists()
+    assert len(calls) == 1  # refused before transformers was asked to load anything
+    # other safetensors files beside the pickle: transformers is told to read safetensors only
+    shutil.copy(tmp_path / "good" / "model.safetensors", bad / "adapter.safetensors")
+    with pytest.raises(SLMError, match="no file named model.safetensors"):
+        import_hf_llama(bad)
+    assert calls[-1].get("use_safetensors") is True and not marker.exists()

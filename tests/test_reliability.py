@@ -751,39 +751,70 @@ def _dotted(node: ast.AST) -> str:
     return ""
 
 
+def _unsafe_uses(path: Path, root: Path) -> tuple[list[str], int]:
+    """Problems found in one source file, and how many torch.load calls it makes."""
+    problems, torch_loads = [], 0
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    for node in ast.walk(tree):
+        where = f"{path.relative_to(root)}:{getattr(node, 'lineno', '?')}"
+        if isinstance(node, ast.ImportFrom) and node.module in ("pickle", "marshal", "shelve", "dill"):
+            problems.append(f"{where}: from {node.module} import ...")
+        if not isinstance(node, ast.Call):
+            continue
+        name = _dotted(node.func)
+        keywords = {k.arg: k.value for k in node.keywords}
+        if name in _UNSAFE_CALLS:
+            problems.append(f"{where}: {name}(")
+        if tuple(name.rsplit(".", 1)[-2:]) in _UNSAFE_ATTRS and "." in name:
+            problems.append(f"{where}: {name}(")
+        if name == "torch.load":
+            torch_loads += 1
+            flag = keywords.get("weights_only")
+            if not (isinstance(flag, ast.Constant) and flag.value is True):
+                problems.append(f"{where}: torch.load without weights_only=True")
+        if name in ("np.load", "numpy.load"):
+            flag = keywords.get("allow_pickle")
+            if flag is not None and not (isinstance(flag, ast.Constant) and flag.value is False):
+                problems.append(f"{where}: np.load(allow_pickle=...)")
+        shell = keywords.get("shell")
+        if name.startswith("subprocess.") and shell is not None and not (
+                isinstance(shell, ast.Constant) and shell.value is False):
+            problems.append(f"{where}: subprocess with shell=True")
+    return problems, torch_loads
+
+
 def test_source_never_unpickles_or_executes_user_files():
     """Every torch.load passes weights_only=True; no eval/exec/pickle/unsafe yaml; no
-    np.load(allow_pickle=True); no shell=True."""
+    np.load(allow_pickle=True); no shell=True: in the package, the scripts and the root
+    train.py/generate.py."""
+    sources = sorted(REPO.glob("src/**/*.py")) + sorted(REPO.glob("scripts/**/*.py"))
+    sources += [REPO / "train.py", REPO / "generate.py"]  # the seed's entry points users run
+    assert all(p.is_file() for p in sources)
+    assert {p.relative_to(REPO).parts[0] for p in sources} == {"src", "scripts", "train.py", "generate.py"}
     problems, torch_loads = [], 0
-    for path in sorted((REPO / "src").rglob("*.py")):
-        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-        for node in ast.walk(tree):
-            where = f"{path.relative_to(REPO)}:{getattr(node, 'lineno', '?')}"
-            if isinstance(node, ast.ImportFrom) and node.module in ("pickle", "marshal", "shelve", "dill"):
-                problems.append(f"{where}: from {node.module} import ...")
-            if not isinstance(node, ast.Call):
-                continue
-            name = _dotted(node.func)
-            keywords = {k.arg: k.value for k in node.keywords}
-            if name in _UNSAFE_CALLS:
-                problems.append(f"{where}: {name}(")
-            if tuple(name.rsplit(".", 1)[-2:]) in _UNSAFE_ATTRS and "." in name:
-                problems.append(f"{where}: {name}(")
-            if name == "torch.load":
-                torch_loads += 1
-                flag = keywords.get("weights_only")
-                if not (isinstance(flag, ast.Constant) and flag.value is True):
-                    problems.append(f"{where}: torch.load without weights_only=True")
-            if name in ("np.load", "numpy.load"):
-                flag = keywords.get("allow_pickle")
-                if flag is not None and not (isinstance(flag, ast.Constant) and flag.value is False):
-                    problems.append(f"{where}: np.load(allow_pickle=...)")
-            shell = keywords.get("shell")
-            if name.startswith("subprocess.") and shell is not None and not (
-                    isinstance(shell, ast.Constant) and shell.value is False):
-                problems.append(f"{where}: subprocess with shell=True")
+    for path in sources:
+        found, loads = _unsafe_uses(path, REPO)
+        problems += found
+        torch_loads += loads
     assert not problems, problems
     assert torch_loads >= 1  # the scan does see the optimizer load
+
+
+def test_the_source_scan_flags_what_it_should(tmp_path):
+    script = tmp_path / "scripts" / "bad.py"
+    script.parent.mkdir()
+    script.write_text("import pickle, subprocess, torch, yaml\n"
+                      "eval(open('cfg').read())\n"
+                      "pickle.loads(b'')\n"
+                      "torch.load('x.pt')\n"
+                      "yaml.load(open('c.yaml'))\n"
+                      "subprocess.run('ls', shell=True)\n"
+                      "torch.load('y.pt', weights_only=True)\n")
+    problems, loads = _unsafe_uses(script, tmp_path)
+    assert loads == 2
+    assert [p.split(": ", 1)[1] for p in problems] == [
+        "eval(", "pickle.loads(", "torch.load without weights_only=True", "yaml.load(", "subprocess with shell=True"]
+    assert all(p.startswith("scripts/bad.py:") for p in problems)
 
 
 # ---------------------------------------------------------- concurrency and disks
@@ -965,3 +996,59 @@ def test_unwritable_output_folder_is_a_one_line_error(trained, tmp_path, capsys,
         run.chmod(0o755)
     assert code == 2
     assert "Permission denied" in one_error_line(capsys.readouterr().err)
+
+
+def _unwritable_from_the_second_checkpoint(monkeypatch, ckpts: Path, how: str) -> None:
+    """`folder`: the checkpoint folder turns read-only once the first checkpoint is written
+    (chmod, or refused writes as root, whom chmod does not stop); `mid-save`: the write of
+    the second checkpoint's optimizer file is refused after its weights were written."""
+    if how == "mid-save":
+        real_save = torch.save
+
+        def save(obj, f, *args, **kwargs):
+            if ".tmp-step_00000008" in os.fspath(f):
+                raise PermissionError(13, "Permission denied", os.fspath(f))
+            return real_save(obj, f, *args, **kwargs)
+        monkeypatch.setattr(torch, "save", save)
+        return
+    real = CheckpointManager.save
+
+    def save_then_lock(self, step, *args, **kwargs):
+        path = real(self, step, *args, **kwargs)
+        if step == 4:
+            if os.geteuid() == 0:
+                _read_only(monkeypatch, ckpts)
+            else:
+                ckpts.chmod(0o500)
+        return path
+    monkeypatch.setattr(CheckpointManager, "save", save_then_lock)
+
+
+@pytest.mark.parametrize("how", ["folder", "mid-save"])
+def test_folder_unwritable_during_training_fails_loudly_and_keeps_the_last_checkpoint(
+        trained, tmp_path, capsys, monkeypatch, how):
+    run = tmp_path / "run"
+    copy_prepared(trained, run)
+    cfg = write_config(tmp_path / "cfg.json", soak_config(run, max_steps=12, checkpoint_every=4,
+                                                          keep_checkpoints=3))
+    ckpts = run / "checkpoints"
+    _unwritable_from_the_second_checkpoint(monkeypatch, ckpts, how)
+    try:
+        code = main(["train", "--config", cfg])
+    finally:
+        monkeypatch.undo()
+        if ckpts.exists():
+            ckpts.chmod(0o755)
+    assert code == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "could not write checkpoint step_00000008" in line and "Permission denied" in line, line
+    assert "the checkpoints already there are intact" in line
+    assert not leftovers(ckpts) and not broken_checkpoints(ckpts)
+    assert [p.name for p in CheckpointManager(ckpts).step_dirs()] == ["step_00000004"]
+    assert (ckpts / "latest").resolve().name == "step_00000004"
+    verify_checkpoint(ckpts / "latest")
+    model = CausalLM.from_pretrained(ckpts / "latest")
+    assert load_training_files(ckpts / "latest", model, None)["step"] == 4
+    assert main(["train", "--config", cfg, "--resume", "auto"]) == 0  # writable again: carry on
+    assert_same_weights(weights(run), weights(trained))
+    TALLY["unwritable-folder faults survived (bit-exact after resume)"] += 1

@@ -324,3 +324,61 @@ def test_slm_tokenizer_specials_and_errors(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(SLMError, match="neither"):
         SLMTokenizer.from_pretrained(tmp_path / "empty")
+
+
+# --- a local Llama-style tokenizer.json: pad = eos, right padding (issue 5) ----------------
+
+def llama_style(directory: Path, text: str) -> Path:
+    """A Llama-2 style tokenizer.json trained here: SentencePiece-like BPE ("\u2581" spaces,
+    <0xNN> byte fallback), `<unk>`, `<s>`, `</s>`, a BOS-adding post-processor, no pad token."""
+    from tokenizers import processors, trainers
+
+    hf = HFTokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                    decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    hf.train_from_iterator([text], trainers.BpeTrainer(vocab_size=600, show_progress=False,
+                                                       special_tokens=["<unk>", "<s>", "</s>", *byte_tokens]))
+    hf.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    directory.mkdir()
+    hf.save(str(directory / "tokenizer.json"))
+    return directory / "tokenizer.json"
+
+
+def test_llama_style_tokenizer_pads_right_with_eos_for_a_bitnet_model(tmp_path: Path) -> None:
+    from simplified_slm.models.bitnet import BitNetConfig, BitNetForCausalLM
+
+    stories = read_corpus("tinystories_valid.txt.gz", 60_000)
+    path = llama_style(tmp_path / "llama", stories)
+    tok = build_tokenizer(TokenizerConfig(kind="file", path=str(path)))  # loaded by path
+    assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    assert tok.pad_token_id == tok.eos_token_id and tok.padding_side == "right"
+    texts = [s.strip() for s in stories.split("\n\n")[:3]]
+    texts = [texts[0][:300], texts[1][:90], "Once upon a time"]
+    rows = [tok.encode_ids(t) for t in texts]
+    assert len({len(r) for r in rows}) == 3 and all(r[0] != tok.bos_token_id for r in rows)
+
+    batch = tok.pad_batch(texts)
+    ids, mask = torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["attention_mask"])
+    width = max(len(r) for r in rows)
+    assert ids.shape == mask.shape == (3, width)
+    for i, row in enumerate(rows):
+        assert ids[i, :len(row)].tolist() == row and ids[i, len(row):].eq(tok.eos_token_id).all()
+        assert mask[i].tolist() == [1] * len(row) + [0] * (width - len(row))
+    assert tok.pad_batch(texts, max_length=5)["input_ids"].shape == (3, 5)
+
+    torch.manual_seed(0)
+    model = BitNetForCausalLM(BitNetConfig.preset("tiny", vocab_size=tok.vocab_size)).eval()
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask).logits
+        assert torch.isfinite(padded).all()
+        alone = [model(torch.tensor([row])).logits[0] for row in rows]
+        for i, row in enumerate(rows):  # the real tokens see exactly what they see alone
+            assert (padded[i, :len(row)] - alone[i]).abs().max() <= 1e-5
+        # training on the padded batch: pad labels ignored, the loss is the mean over real tokens
+        labels = ids.masked_fill(mask == 0, -100)
+        loss = model(ids, attention_mask=mask, labels=labels).loss
+        per_token = torch.cat([torch.nn.functional.cross_entropy(a[:-1], torch.tensor(r[1:]), reduction="none")
+                               for a, r in zip(alone, rows)])
+        assert loss.item() == pytest.approx(per_token.mean().item(), rel=1e-5)

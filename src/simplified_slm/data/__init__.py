@@ -1,13 +1,16 @@
-"""Data: read corpora, tokenize them once into memory-mapped splits, sample batches; or
-slide strided windows over documents as a torch Dataset (`TextDataset`)."""
+"""Data: read corpora (bundled, WikiText from local files, text/JSONL/HF files), tokenize
+them once into memory-mapped splits, sample batches; or slide strided windows over
+documents as a torch Dataset (`TextDataset`)."""
 
 from simplified_slm.data.corpus import (
     BUILTIN_DATASETS,
+    DATASET_NAMES,
     DEFAULT_EXTENSIONS,
     BuiltinDataset,
     Document,
     SkippedFileWarning,
     builtin_dataset,
+    has_validation_split,
     read_documents,
 )
 from simplified_slm.data.prepare import (
@@ -24,6 +27,7 @@ from simplified_slm.data.text_dataset import TextDataset
 
 __all__ = [
     "BUILTIN_DATASETS",
+    "DATASET_NAMES",
     "DEFAULT_EXTENSIONS",
     "SAMPLER_MODES",
     "BatchSampler",
@@ -34,6 +38,7 @@ __all__ = [
     "SkippedFileWarning",
     "TextDataset",
     "builtin_dataset",
+    "has_validation_split",
     "iter_eval_batches",
     "load_prepared",
     "prepare_dataset",

@@ -1,23 +1,34 @@
 """Turn a data source named by the user into a stream of text documents.
 
-Users point the project at very different things: a built-in corpus name, one text file,
-a folder of notes, a JSONL dump, a local Hugging Face file. Everything downstream
-(splitting, tokenizing) only wants `Document`s, so all format knowledge lives here, and
-so does every "this file is not what you think it is" error: a bad file must be named
-with the fix in one line, not surface later as a tokenizer crash.
+Users point the project at very different things: a built-in corpus name, a named dataset
+whose files they put on disk (WikiText), one text file, a folder of notes, a JSONL dump, a
+local Hugging Face file or `save_to_disk` folder. Everything downstream (splitting,
+tokenizing) only wants `Document`s, so all format knowledge lives here (Hugging Face
+formats in `hf_local`, WikiText's layouts in `wikitext`), and so does every "this file is
+not what you think it is" error: a bad file must be named with the fix in one line, not
+surface later as a tokenizer crash.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
-import zlib
-import os
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
+from simplified_slm.data.document import Document
+from simplified_slm.data.hf_local import (
+    HF_FILE_FORMATS,
+    is_saved_dataset,
+    load_files,
+    load_saved,
+    saved_splits,
+    text_documents,
+)
+from simplified_slm.data.wikitext import WIKITEXT
 from simplified_slm.errors import SLMError
 
 CORPORA_DIR = Path(__file__).resolve().parent.parent / "corpora"
@@ -25,15 +36,6 @@ DEFAULT_EXTENSIONS: tuple[str, ...] = (".txt", ".md")
 OnError = Literal["raise", "skip"]
 
 _RECORD_FORMATS = (".jsonl", ".json")
-_HF_FORMATS = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
-
-
-@dataclass(frozen=True)
-class Document:
-    """One unit of text; documents are never concatenated without an EOS between them."""
-
-    name: str
-    text: str
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,9 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
 }
 
 
+DATASET_NAMES: tuple[str, ...] = (*BUILTIN_DATASETS, *WIKITEXT)  # names that are not paths
+
+
 class SkippedFileWarning(UserWarning):
     """A file was left out because of `on_error="skip"`; the message names it and why."""
 
@@ -63,39 +68,50 @@ def builtin_dataset(name: str) -> BuiltinDataset | None:
     return BUILTIN_DATASETS.get(name)
 
 
+def has_validation_split(source: str | Path) -> bool:
+    """True when `source` brings its own validation split (read with split="validation"):
+    a built-in corpus with a validation file, WikiText, or a saved DatasetDict that has one."""
+    if isinstance(source, str) and source in WIKITEXT:
+        return True
+    builtin = builtin_dataset(source) if isinstance(source, str) else None
+    if builtin is not None:
+        return builtin.valid is not None
+    path = Path(source)
+    return path.is_dir() and "validation" in saved_splits(path)
+
+
 def read_documents(
     source: str | Path,
     *,
     text_field: str = "text",
     extensions: Sequence[str] = DEFAULT_EXTENSIONS,
     on_error: OnError = "raise",
+    split: str = "train",
 ) -> Iterator[Document]:
-    """Yield the documents of a built-in name, file or folder, in a deterministic order.
+    """Yield the documents of a dataset name, file or folder, in a deterministic order.
 
-    A built-in name (a str) yields its training file; its validation file, if any, is
-    `builtin_dataset(name).valid`. Built-in names win over same-named local paths, so
-    write `./tinystories` to read a local folder of that name. A folder is searched
-    recursively for files whose name ends with one of `extensions`, in sorted path order
-    so the same folder always gives the same token stream. With `on_error="skip"` an
-    unreadable file is left out with a `SkippedFileWarning` instead of stopping a long
-    run over one bad file. Raises SLMError naming the source when nothing readable is found.
+    A built-in name (a str) yields its training file, or with `split="validation"` its
+    validation file; a WikiText name (`wikitext2`, `wikitext103`) reads that split from the
+    user's local copy (`$SLM_DATA_DIR`, see `data/wikitext.py`). Dataset names win over
+    same-named local paths, so write `./tinystories` to read a local folder of that name. A `save_to_disk` folder of
+    Hugging Face `datasets` yields its rows (of `split`, for a DatasetDict); any other folder
+    is searched recursively for files whose name ends with one of `extensions`, in sorted
+    path order so the same folder always gives the same token stream. With
+    `on_error="skip"` an unreadable file is left out with a `SkippedFileWarning` instead of
+    stopping a long run over one bad file (a missing WikiText file or a bad `save_to_disk`
+    folder always raises: it is the whole dataset, not one file). Raises SLMError naming the source when nothing
+    readable is found, or when `split` is not train and the source has no such split.
     """
     if on_error not in ("raise", "skip"):
         raise SLMError(f"on_error: {on_error!r} is not allowed; choose 'raise' or 'skip'")
-    builtin = builtin_dataset(source) if isinstance(source, str) else None
-    path = builtin.train if builtin else Path(source)
-    if builtin is None and not path.exists():
-        names = ", ".join(BUILTIN_DATASETS)
-        raise SLMError(f"data source not found: {source}; pass a built-in dataset name "
-                       f"({names}) or an existing file or folder")
-    files = _list_files(path, extensions) if path.is_dir() else [path]
+    files = _source_files(source, split, extensions)
     found = False
     for file in files:
         try:
-            documents = _read_file(file, text_field)
+            documents = _read_source(file, split, text_field)
         except SLMError as err:
-            if on_error == "raise":
-                raise
+            if on_error == "raise" or not (isinstance(file, Path) and file.is_file()):
+                raise  # a dataset name or a saved dataset folder is the whole source
             warnings.warn(f"skipped {err}", SkippedFileWarning, stacklevel=2)
             continue
         for document in documents:
@@ -105,6 +121,37 @@ def read_documents(
     if not found:
         raise SLMError(f"no text found in {source}: it is empty or every file was skipped; "
                        "point the data config at a source that holds text")
+
+
+def _source_files(source: str | Path, split: str, extensions: Sequence[str]) -> list[str | Path]:
+    """What to read for `source`: a WikiText name, a saved dataset folder, or files."""
+    if isinstance(source, str) and source in WIKITEXT:
+        return [source]
+    builtin = builtin_dataset(source) if isinstance(source, str) else None
+    if builtin is not None:
+        if split == "train":
+            return [builtin.train]
+        if split == "validation" and builtin.valid is not None:
+            return [builtin.valid]
+        raise SLMError(f"{source} has no {split} split; hold out part of its text with data.val_fraction")
+    path = Path(source)
+    if not path.exists():
+        raise SLMError(f"data source not found: {source}; pass a dataset name "
+                       f"({', '.join(DATASET_NAMES)}) or an existing file or folder")
+    if path.is_dir() and is_saved_dataset(path):
+        return [path]
+    if split != "train":
+        raise SLMError(f"{source} has no {split} split; name a validation source in data.val_file")
+    return [*_list_files(path, extensions)] if path.is_dir() else [path]
+
+
+def _read_source(item: str | Path, split: str, text_field: str) -> list[Document]:
+    if isinstance(item, str) and item in WIKITEXT:
+        return WIKITEXT[item].documents(split)
+    path = Path(item)
+    if path.is_dir():
+        return text_documents(load_saved(path, split), str(path), text_field)
+    return _read_file(path, text_field)
 
 
 def _list_files(folder: Path, extensions: Sequence[str]) -> list[Path]:
@@ -134,8 +181,8 @@ def _read_file(path: Path, text_field: str) -> list[Document]:
     """All documents of one file, fully parsed, so a bad record fails the file as a whole
     (skip mode must not have yielded half of a broken file)."""
     fmt = _format_of(path)
-    if fmt in _HF_FORMATS:
-        return _read_hf_file(path, _HF_FORMATS[fmt], text_field)
+    if fmt in HF_FILE_FORMATS:
+        return _read_hf_file(path, HF_FILE_FORMATS[fmt], text_field)
     text = _decode(path)
     if fmt in _RECORD_FORMATS:
         return _parse_records(path, text, text_field)
@@ -200,32 +247,5 @@ def _record_text(path: Path, index: int, record: Any, text_field: str,
 
 
 def _read_hf_file(path: Path, fmt: str, text_field: str) -> list[Document]:
-    """Local parquet/csv/arrow files through Hugging Face `datasets`, kept optional because
-    it is a heavy dependency most users of the text formats never need."""
-    os.environ["HF_DATASETS_OFFLINE"] = "1"  # local files only: never touch the network
-    try:
-        import datasets
-    except ImportError:
-        raise SLMError(f"{path}: reading {fmt} files needs Hugging Face datasets; "
-                       "pip install datasets (or convert the file to .jsonl or .txt)") from None
-    try:
-        if fmt == "arrow":
-            table = datasets.Dataset.from_file(str(path))
-        else:
-            table = datasets.load_dataset(fmt, data_files=str(path), split="train")
-    except Exception as err:  # datasets/pyarrow raise many unrelated types for bad files
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise SLMError(f"{path}: cannot load it as {fmt} ({first}); check the file") from None
-    if text_field not in table.column_names:
-        found = ", ".join(table.column_names)
-        raise SLMError(f"{path}: no '{text_field}' column (found: {found}); "
-                       "set the data config's text_field to the text column")
-    documents = []
-    for i, text in enumerate(table[text_field]):
-        if text is None:
-            continue  # missing values are common in tabular data; they hold no text
-        if not isinstance(text, str):
-            raise SLMError(f"{path}: row {i} '{text_field}' is {type(text).__name__}, not text; "
-                           "set text_field to a string column")
-        documents.append(Document(f"{path}[{i}]", text))
-    return documents
+    """Local parquet/csv/arrow files through Hugging Face `datasets`, offline."""
+    return text_documents(load_files([path], fmt, str(path)), str(path), text_field)

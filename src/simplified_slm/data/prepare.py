@@ -25,10 +25,11 @@ from tqdm.auto import tqdm
 
 from simplified_slm.configbase import ConfigBase
 from simplified_slm.data.corpus import (
-    BUILTIN_DATASETS,
+    DATASET_NAMES,
     DEFAULT_EXTENSIONS,
     Document,
     builtin_dataset,
+    has_validation_split,
     read_documents,
 )
 from simplified_slm.errors import SLMError
@@ -47,7 +48,7 @@ _PROBE_CHARS = 4096
 class DataConfig(ConfigBase):
     """Where the text comes from and how it is split; see `prepare_dataset`."""
 
-    dataset: str | None = "tinyshakespeare"  # built-in name, file or folder
+    dataset: str | None = "tinyshakespeare"  # dataset name (built-in or WikiText), file or folder
     train_file: str | None = None  # explicit training source (file or folder)
     val_file: str | None = None  # explicit validation source; else val_fraction is held out
     val_fraction: float = 0.05
@@ -74,7 +75,7 @@ class DataConfig(ConfigBase):
                        "set dataset to null to train on train_file, or remove train_file")
         if self.dataset is None and self.train_file is None:
             self._fail("dataset", f"no data source; set dataset to a built-in name "
-                       f"({', '.join(BUILTIN_DATASETS)}) or a path, or set train_file")
+                       f"({', '.join(DATASET_NAMES)}) or a path, or set train_file")
         if self.val_file is not None and self.train_file is None:
             self._fail("val_file", "val_file needs train_file; set dataset to null and name "
                        "the training data in train_file")
@@ -166,37 +167,39 @@ def _cap_bytes(documents: list[Document], max_bytes: int) -> list[Document]:
     return kept
 
 
-def _sources(cfg: DataConfig) -> tuple[str, str | None]:
-    """Training source and the explicit validation source (None: carve val from train)."""
+def _sources(cfg: DataConfig) -> tuple[str, str | None, str]:
+    """Training source, the validation source (None: carve val from train) and the split
+    to read from the validation source."""
     if cfg.train_file is not None:
-        return cfg.train_file, cfg.val_file
+        return cfg.train_file, cfg.val_file, "train"
     assert cfg.dataset is not None  # DataConfig.validate guarantees one source
-    builtin = builtin_dataset(cfg.dataset)
-    return cfg.dataset, (str(builtin.valid) if builtin and builtin.valid else None)
+    if has_validation_split(cfg.dataset):  # the dataset's own validation split
+        return cfg.dataset, cfg.dataset, "validation"
+    return cfg.dataset, None, "train"
 
 
-def _read(source: str, cfg: DataConfig) -> list[Document]:
+def _read(source: str, cfg: DataConfig, split: str = "train") -> list[Document]:
     return list(read_documents(source, text_field=cfg.text_field, extensions=cfg.extensions,
-                               on_error=cfg.on_error))
-
-
-def _load_splits(cfg: DataConfig) -> tuple[list[Document], list[Document], str]:
-    """Train and val documents plus a note on where val came from (for meta.json)."""
-    train_source, val_source = _sources(cfg)
-    train = _read(train_source, cfg)
-    if val_source is not None:
-        return train, _read(val_source, cfg), str(val_source)
-    train, val = split_documents(train, cfg.val_fraction)
-    return train, val, f"last {cfg.val_fraction:g} of {train_source}"
+                               on_error=cfg.on_error, split=split))
 
 
 def validation_documents(cfg: DataConfig) -> tuple[list[Document], str]:
     """The validation documents `prepare_dataset` uses for `cfg`, and where they came from."""
-    train_source, val_source = _sources(cfg)
-    if val_source is not None:
-        return _read(val_source, cfg), str(val_source)
-    _, val = split_documents(_read(train_source, cfg), cfg.val_fraction)
-    return val, f"last {cfg.val_fraction:g} of {train_source}"
+    return _load_splits(cfg, train=False)[1:]
+
+
+def _load_splits(cfg: DataConfig, train: bool = True) -> tuple[list[Document], list[Document], str]:
+    """Train (unless `train` is False and not needed for val) and val documents, plus a note
+    on where val came from (for meta.json)."""
+    train_source, val_source, val_split = _sources(cfg)
+    if val_source is None:
+        train_docs, val = split_documents(_read(train_source, cfg), cfg.val_fraction)
+        return train_docs, val, f"last {cfg.val_fraction:g} of {train_source}"
+    builtin = builtin_dataset(val_source) if val_split == "validation" else None
+    val_from = str(builtin.valid) if builtin and builtin.valid else (
+        f"{val_source} ({val_split} split)" if val_split != "train" else str(val_source))
+    train_docs = _read(train_source, cfg) if train else []
+    return train_docs, _read(val_source, cfg, val_split), val_from
 
 
 def _digest(documents: Sequence[Document]) -> tuple[str, int]:

@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import save_file
 
 from simplified_slm.errors import SLMError
+from simplified_slm.export.hf_tokenizer import save_hf_tokenizer
 from simplified_slm.export.ternary import bitlinear_modules
 from simplified_slm.layers.rope import rope_type
 from simplified_slm.models.base import CausalLM
@@ -212,13 +213,14 @@ def to_transformers(model: CausalLM):
 
 
 def export_hf(model: CausalLM, directory: str | Path, tokenizer: Any = None) -> None:
-    """Write a folder `transformers.AutoModelForCausalLM.from_pretrained` loads as is."""
+    """Write a folder `transformers.AutoModelForCausalLM.from_pretrained` loads as is, and
+    `AutoTokenizer.from_pretrained` too for byte and BPE tokenizers (`export/hf_tokenizer.py`)."""
     if isinstance(model, BitNetForCausalLM):
         _write_bitnet(model, Path(directory))
     else:
         to_transformers(model).save_pretrained(str(directory))
     if tokenizer is not None:
-        tokenizer.save(directory)
+        save_hf_tokenizer(tokenizer, directory, model.max_context)
 
 
 def llama_from_transformers(hf_model) -> LlamaForCausalLM:
@@ -261,12 +263,27 @@ def import_gguf_llama(path: str | Path) -> LlamaForCausalLM:
 
 
 def import_hf_llama(directory: str | Path) -> LlamaForCausalLM:
-    """Load a transformers Llama checkpoint folder (config.json + safetensors) into our family."""
+    """Load a transformers Llama checkpoint folder (config.json + safetensors) into our family.
+
+    Only safetensors weights are read (`use_safetensors=True`): a `pytorch_model.bin` is a
+    pickle, which can run code when loaded, so a folder holding only that is refused.
+    """
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise SLMError(f"{directory} has no config.json; pass a transformers model folder")
     arch = json.loads((directory / "config.json").read_text()).get("model_type")
     if arch != "llama":
         raise SLMError(f"{directory} holds a '{arch}' model; only Llama checkpoints import into the llama family")
+    if not any(directory.glob("*.safetensors")):
+        pickles = sorted(p.name for p in directory.glob("*.bin"))
+        found = f"only {', '.join(pickles)} (pickle, which can run code and is never loaded)" if pickles else "none"
+        raise SLMError(f"{directory} has no safetensors weights ({found}); convert them to model.safetensors "
+                       "in an environment you trust (transformers: save_pretrained(..., safe_serialization=True))")
     tf = _transformers()
-    return llama_from_transformers(tf.AutoModelForCausalLM.from_pretrained(str(directory), torch_dtype=torch.float32))
+    try:
+        hf = tf.AutoModelForCausalLM.from_pretrained(str(directory), torch_dtype=torch.float32,
+                                                     use_safetensors=True)
+    except OSError as err:  # e.g. stray .safetensors files but no model.safetensors
+        raise SLMError(f"cannot load {directory}: {(str(err).splitlines() or ['?'])[0]}; it needs "
+                       "model.safetensors (or a sharded model.safetensors.index.json)") from None
+    return llama_from_transformers(hf)

@@ -66,6 +66,14 @@ def save_packed(model: CausalLM, directory: str | Path, tokenizer=None) -> dict[
             "file_bytes": (directory / PACKED_FILE).stat().st_size}
 
 
+def _tied_to(model: torch.nn.Module, loaded: set[str]) -> set[str]:
+    """State-dict names that share storage with a loaded name (tied embeddings): save_packed
+    writes such a tensor once, and loading it under its first name fills the others."""
+    own = model.state_dict()
+    loaded_ptrs = {own[k].data_ptr() for k in loaded if k in own and own[k].numel()}
+    return {k for k, t in own.items() if k not in loaded and t.numel() and t.data_ptr() in loaded_ptrs}
+
+
 def load_packed(directory: str | Path, int8: bool = True) -> CausalLM:
     """Rebuild the model from a packed checkpoint, BitLinears frozen on their codes."""
     directory = Path(directory)
@@ -87,7 +95,8 @@ def load_packed(directory: str | Path, int8: bool = True) -> CausalLM:
         module.weight = None
         module.int8 = int8
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if not k.endswith(("weight_codes", "weight_scale"))]
+    tied = _tied_to(model, set(tensors))
+    missing = [k for k in missing if not k.endswith(("weight_codes", "weight_scale")) and k not in tied]
     if missing or unexpected:
         raise SLMError(f"{path} does not fit a {config.family} model (missing {missing[:3]}, "
                        f"unexpected {unexpected[:3]})")

@@ -17,6 +17,9 @@ import numpy as np
 from simplified_slm.errors import SLMError
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
+# Our config under its own name, in folders whose tokenizer_config.json belongs to
+# transformers (exports for AutoTokenizer); `load_tokenizer` prefers it when present.
+SLM_TOKENIZER_CONFIG = "slm_tokenizer_config.json"
 
 
 def as_id_list(ids: Any) -> list[int]:
@@ -41,6 +44,10 @@ class Tokenizer(ABC):
     """Text <-> ids. Subclasses set `kind` and implement the abstract methods."""
 
     kind: str = ""
+    # Batches are padded on the right: causal models then see every real token at the
+    # position it has alone, and the mask only hides the tail. (Prompts for batched
+    # generation are left-padded by `generate` itself.)
+    padding_side: str = "right"
     pad_token_id: int | None = None
     unk_token_id: int | None = None
     bos_token_id: int | None = None
@@ -93,6 +100,27 @@ class Tokenizer(ABC):
 
     def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
         return [self.encode_ids(t) for t in texts]
+
+    def pad_batch(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, np.ndarray]:
+        """A right-padded batch: `input_ids` and `attention_mask` (1 = real token), int64 (B, T).
+
+        Pads with `pad_token_id`; a tokenizer without one (Llama's has none: BPE loading
+        sets pad = eos) pads with eos, else id 0: ids under a 0 mask never reach a real
+        token. `max_length` cuts longer texts on the right.
+        """
+        rows = self.encode_batch(list(texts))
+        if max_length is not None:
+            rows = [r[:max_length] for r in rows]
+        if not rows:
+            raise SLMError("pad_batch got no texts; pass at least one")
+        width = max(len(r) for r in rows)
+        pad = next((i for i in (self.pad_token_id, self.eos_token_id) if i is not None), 0)
+        ids = np.full((len(rows), width), pad, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = row
+            mask[i, :len(row)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
 
     def special_ids(self) -> dict[str, int]:
         names = ("pad_token_id", "unk_token_id", "bos_token_id", "eos_token_id")

@@ -1,7 +1,7 @@
 """Build a tokenizer from its config section, or load one saved next to a checkpoint.
 
-Loading reads only JSON (tokenizer_config.json, vocab.json, tokenizer.json): a tokenizer
-directory downloaded from anywhere can never run code.
+Loading reads only JSON (tokenizer_config.json or slm_tokenizer_config.json, vocab.json,
+tokenizer.json): a tokenizer directory downloaded from anywhere can never run code.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Literal
 
 from simplified_slm.configbase import ConfigBase, read_config_file
 from simplified_slm.errors import SLMError
-from simplified_slm.tokenizers.base import TOKENIZER_CONFIG, Tokenizer
+from simplified_slm.tokenizers.base import SLM_TOKENIZER_CONFIG, TOKENIZER_CONFIG, Tokenizer
 from simplified_slm.tokenizers.bpe import TOKENIZER_FILE, BPETokenizer, min_bpe_vocab_size
 from simplified_slm.tokenizers.byte import ByteTokenizer
 from simplified_slm.tokenizers.char import CharPolicy, CharTokenizer
@@ -71,10 +71,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return BPETokenizer.from_file(path)
     if not path.is_dir():
         raise SLMError(f"tokenizer not found: {path}; pass a saved tokenizer directory or a tokenizer.json file")
-    if not any((path / name).is_file() for name in (TOKENIZER_CONFIG, TOKENIZER_FILE)) \
+    if not any((path / name).is_file() for name in (TOKENIZER_CONFIG, SLM_TOKENIZER_CONFIG, TOKENIZER_FILE)) \
             and (path / RUN_TOKENIZER_DIR / TOKENIZER_CONFIG).is_file():
         path = path / RUN_TOKENIZER_DIR  # a training run keeps its tokenizer in a subfolder
-    config_path = path / TOKENIZER_CONFIG
+    config_path = path / SLM_TOKENIZER_CONFIG  # a transformers export keeps ours aside
+    if not config_path.is_file():
+        config_path = path / TOKENIZER_CONFIG
     config = read_config_file(config_path) if config_path.is_file() else {}
     if "kind" not in config:  # an HF directory: tokenizer.json plus maybe HF's own config
         if not (path / TOKENIZER_FILE).is_file():

@@ -58,6 +58,14 @@ class SLMTokenizer:
         return self.tokenizer.pad_token_id
 
     @property
+    def padding_side(self) -> str:
+        return self.tokenizer.padding_side
+
+    def pad_batch(self, texts: list[str], max_length: int | None = None) -> dict[str, Any]:
+        """Right-padded `input_ids` + `attention_mask` arrays (see `Tokenizer.pad_batch`)."""
+        return self.tokenizer.pad_batch(texts, max_length)
+
+    @property
     def eos_token_id(self) -> int | None:
         return self.tokenizer.eos_token_id
 

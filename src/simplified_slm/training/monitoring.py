@@ -23,6 +23,8 @@ __all__ = ["firing_rates", "grad_norms_by_group", "parameter_group", "ternary_st
 
 _EMBEDDING_NAMES = ("embed", "wte", "wpe", "tok_emb", "pos_emb")
 _HEAD_NAMES = ("lm_head", "head", "norm", "ln_f", "final_norm")
+# H-Net nests each stage in the previous one's `inner`: stage.inner.encoder is stage 1's
+_HNET_PART = re.compile(r"^stage\.((?:inner\.)*)(encoder|decoder|main|router|residual_proj|pad)(?:\.|$)")
 
 
 @torch.no_grad()
@@ -68,12 +70,21 @@ def parameter_group(name: str) -> str:
     """Top-level group of a parameter name: embeddings, layer<i>, head, or its first part.
 
     `layers.3.attn.q_proj.weight` -> `layer3`; `embed_tokens.weight` -> `embeddings`;
-    `lm_head.weight` and the final `norm.weight` -> `head`; anything else (e.g.
+    `lm_head.weight` and the final `norm.weight` -> `head`. H-Net parameters, all under
+    `stage.`, are grouped by stage and part, since one "stage" group would say nothing:
+    `stage.inner.encoder....` -> `stage1.encoder`, the router and residual projection of
+    stage s -> `stage<s>.routing`, the innermost network -> `main`. Anything else (e.g.
     `lower_bounds`) keeps its top-level name.
     """
     match = re.match(r"^(?:model\.)?(?:layers|blocks|h)\.(\d+)\.", name)
     if match:
         return f"layer{match.group(1)}"
+    match = _HNET_PART.match(name)
+    if match:
+        depth, part = match.group(1).count("inner."), match.group(2)
+        if part == "main":
+            return "main"
+        return f"stage{depth}.{part if part in ('encoder', 'decoder') else 'routing'}"
     top = name.split(".", 1)[0]
     if top.startswith(_EMBEDDING_NAMES) or top in ("embeddings", "embedding"):
         return "embeddings"
