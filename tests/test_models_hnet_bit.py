@@ -285,8 +285,10 @@ def test_mark_boundaries(model):
     assert report.num_tokens == len(text.encode()) and 1 < report.num_boundaries < report.num_tokens
     assert report.marked.count("|") <= report.num_boundaries - 1
     assert 0.0 <= report.word_start_fraction <= 1.0
+    # 9 spaces: 9 space positions + 9 word starts among the 42 positions after the first
+    assert report.chance_fraction == pytest.approx(18 / (len(text.encode()) - 1))
     printed = mark_boundaries(model, ByteTokenizer(), text)
-    assert printed.splitlines()[0] == report.marked and "space or word start" in printed
+    assert printed.splitlines()[0] == report.marked and "space or word start (chance on this text" in printed
     with pytest.raises(SLMError):
         mark_boundaries(model, ByteTokenizer(), "")
 

@@ -367,6 +367,8 @@ class BoundaryReport:
     num_tokens: int
     num_boundaries: int      # including the forced boundary at the first token
     word_start_fraction: float  # of the boundaries after the first: at a space or a word start
+    chance_fraction: float      # of all positions after the first: at a space or a word start,
+    # i.e. what boundaries placed without regard to the text would score on this text
 
     @property
     def tokens_per_chunk(self) -> float:
@@ -375,7 +377,7 @@ class BoundaryReport:
     def summary(self) -> str:
         return (f"{self.num_boundaries} boundaries in {self.num_tokens} tokens "
                 f"({self.tokens_per_chunk:.2f} per chunk); {100 * self.word_start_fraction:.1f}% "
-                "at a space or word start")
+                f"at a space or word start (chance on this text: {100 * self.chance_fraction:.1f}%)")
 
 
 def _is_space(byte: int) -> bool:
@@ -406,8 +408,11 @@ def boundary_report(model: HNetBitForCausalLM, tokenizer: Any, text: str) -> Bou
         starts.append(offset)
         offset += len(piece)
     cuts: set[int] = set()
-    at_word = 0
+    at_word = word_edges = 0
     for t in range(1, len(ids)):
+        this, prev = pieces[t], pieces[t - 1]
+        on_edge = bool((this and _is_space(this[0])) or (prev and _is_space(prev[-1])))
+        word_edges += on_edge
         if not marks[t]:
             continue
         pos = starts[t]
@@ -415,9 +420,7 @@ def boundary_report(model: HNetBitForCausalLM, tokenizer: Any, text: str) -> Bou
             pos -= 1
         if pos > 0:
             cuts.add(pos)
-        this, prev = pieces[t], pieces[t - 1]
-        if (this and _is_space(this[0])) or (prev and _is_space(prev[-1])):
-            at_word += 1
+        at_word += on_edge
     out = bytearray()
     for pos, byte in enumerate(data):
         if pos in cuts:
@@ -425,7 +428,8 @@ def boundary_report(model: HNetBitForCausalLM, tokenizer: Any, text: str) -> Bou
         out.append(byte)
     later = sum(marks[1:])
     return BoundaryReport(out.decode("utf-8", errors="replace"), len(ids), sum(marks),
-                          at_word / later if later else 0.0)
+                          at_word / later if later else 0.0,
+                          word_edges / (len(ids) - 1) if len(ids) > 1 else 0.0)
 
 
 def mark_boundaries(model: HNetBitForCausalLM, tokenizer: Any, text: str) -> str:
