@@ -8,9 +8,11 @@ Variants, all built in this one process and timed interleaved (rounds of `--step
 each, the order rotating every round) so that load from other processes hits all alike:
 
     ours-eager      GPTForCausalLM + build_optimizer (fused AdamW) + BatchSampler, one step
-                    exactly as Trainer._run does it (lr set, batch, forward, next_token_loss,
-                    backward, loss.item(), clip_grad_norm_().item(), step, zero_grad)
-    ours-compile    the same with torch.compile(model) as train.compile=true does
+                    exactly as Trainer._run does it, through its functions (lr set, batch,
+                    model_loss, backward, loss.item(), clip_grad_norm (folded into the fused
+                    AdamW's update), step, zero_grad): the default train.compile=false path
+    ours-compile    the same with train.compile=true: model_loss compiles forward + loss as
+                    one torch.compile graph (the token embedding stays eager, see gpt.py)
     nanogpt-eager   a faithful compact copy of karpathy/nanoGPT model.py (GPT, one c_attn,
                     SDPA is_causal, exact GELU, LayerNorm(bias=False), tied lm_head,
                     configure_optimizers: fused AdamW only on CUDA, so on CPU torch's default
@@ -19,8 +21,13 @@ each, the order rotating every round) so that load from other processes hits all
                     after forward, GradScaler disabled, loss.item() every 10 iters)
     nanogpt-compile the reference under torch.compile (optional, --ref-compile)
 
-With --ablate, prototypes of the model changes this benchmark suggests are timed too
-(bias=False through the config; fused q/k/v and exact GELU by patching the built model).
+With --ablate, earlier code paths and a prototype are timed too: the previous
+train.compile (model only, loss eager), the previous unfolded clip_grad_norm_, and fused q/k/v.
+
+The floor: the same step's matmuls (every linear's forward, input-gradient and
+weight-gradient GEMM, lm_head included) and its four SDPA forward+backward calls, timed
+alone on hot buffers. nanoGPT and we run exactly this arithmetic, so the best possible
+speed-up is (nanoGPT's ms/iter) / (floor + whatever else a step must do).
 
 Compile warm-up (the first `--warmup` steps of every variant) is excluded from the timings
 and reported separately. Then, unless --no-trainer, the real Trainer loop runs
@@ -28,12 +35,12 @@ and reported separately. Then, unless --no-trainer, the real Trainer loop runs
 nanoGPT reference of the same length) and its own `train/tokens_per_s` metric (one value per
 `log_every`=10 steps) is compared with the reference timed over the same 10-step windows.
 Last, a per-phase breakdown (batch, forward+loss, backward, clip, optimizer; perf_counter
-marks, medians) of ours-eager and nanogpt-eager shows where the difference lies; torch.profiler
+marks, medians) of ours-eager, ours-compile and nanogpt-eager shows where the difference lies; torch.profiler
 (--profile) is available but inflates small-op timings badly on these machines.
 
-    python benchmarks/bench_train_gpt.py                 # ~3-5 minutes on 2 cores
+    python benchmarks/bench_train_gpt.py                 # ~1-2 minutes on 2 cores (quiet)
     python benchmarks/bench_train_gpt.py --quick         # smoke run, ~1 minute
-    python benchmarks/bench_train_gpt.py --ablate        # + prototypes of suggested changes
+    python benchmarks/bench_train_gpt.py --ablate        # + earlier code paths, fused qkv prototype
     python benchmarks/bench_train_gpt.py --profile       # + torch.profiler tables
 """
 
@@ -62,11 +69,11 @@ import torch.nn.functional as F
 
 import simplified_slm
 from simplified_slm.data import BatchSampler
-from simplified_slm.models.base import next_token_loss
 from simplified_slm.models.gpt import GPTConfig
 from simplified_slm.models.registry import build_model
 from simplified_slm.training.config import TrainConfig
-from simplified_slm.training.optim import build_optimizer, learning_rate
+from simplified_slm.training.optim import build_optimizer, clip_grad_norm, learning_rate, set_learning_rate
+from simplified_slm.training.trainer import model_loss
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "train_gpt.json"
 CORPUS = Path(simplified_slm.__file__).resolve().parent / "corpora" / "tinyshakespeare.txt.gz"
@@ -282,7 +289,7 @@ def _no_mark(name: str) -> None:
     pass
 
 
-# --- prototypes of the changes suggested for our model (--ablate); not the shipped code ----
+# --- ablations (--ablate): earlier code paths and a prototype, not the shipped code ------------
 def _fused_qkv_forward(self, x, bias, position_ids=None, rotary=None, cache=None, layer=0):
     b, t, c = x.shape
     q, k, v = self.qkv_proj(x).split(c, dim=2)
@@ -293,12 +300,8 @@ def _fused_qkv_forward(self, x, bias, position_ids=None, rotary=None, cache=None
     return self.o_proj(y.transpose(1, 2).reshape(b, t, c))
 
 
-def _exact_gelu_forward(self, x):
-    return self.down_proj(F.gelu(self.up_proj(x)))
-
-
 def apply_patches(model: nn.Module, patches: tuple[str, ...]) -> nn.Module:
-    """'fused-qkv': one (d, 3d) projection instead of q/k/v; 'gelu-exact': erf GELU, not tanh."""
+    """'fused-qkv': one (d, 3d) projection instead of q/k/v (prototype)."""
     import types
 
     for block in model.layers:
@@ -312,16 +315,23 @@ def apply_patches(model: nn.Module, patches: tuple[str, ...]) -> nn.Module:
                     attn.qkv_proj.bias.zero_()
             del attn.q_proj, attn.k_proj, attn.v_proj
             attn.forward = types.MethodType(_fused_qkv_forward, attn)
-        if "gelu-exact" in patches:
-            block.mlp.forward = types.MethodType(_exact_gelu_forward, block.mlp)
     return model
 
 
 class OursRunner:
     """The per-step body of simplified_slm.training.trainer.Trainer._run (fp32, no hooks,
-    grad_accum 1), on the model, optimizer and sampler the Trainer builds."""
+    grad_accum 1), on the model, optimizer and sampler the Trainer builds, through the same
+    functions: `model_loss` (forward + loss; one torch.compile graph with compile=True, as
+    train.compile=true does) and `clip_grad_norm` (the clip folded into the fused AdamW).
 
-    def __init__(self, tokens: np.ndarray, compile: bool = False, model_overrides: dict | None = None,
+    Ablations: `legacy_compile` compiles the model alone with the loss eager (the Trainer's
+    train.compile before 2026-11-25), `unfolded_clip` clips with torch's clip_grad_norm_
+    (a separate pass rewriting the gradients; the Trainer before 2026-11-25), `patches`
+    see above.
+    """
+
+    def __init__(self, tokens: np.ndarray, compile: bool = False, legacy_compile: bool = False,
+                 unfolded_clip: bool = False, model_overrides: dict | None = None,
                  patches: tuple[str, ...] = ()) -> None:
         torch.manual_seed(1337)
         self.tcfg = TrainConfig(max_steps=MAX_ITERS, batch_size=BATCH, block_size=BLOCK, lr=LR, min_lr=MIN_LR,
@@ -330,29 +340,31 @@ class OursRunner:
                                                       **(model_overrides or {})}))
         apply_patches(self.model, patches)
         self.optimizer = build_optimizer(self.model, self.tcfg)
+        self.params = [p for p in self.model.parameters()]
         self.sampler = BatchSampler(tokens, BLOCK, BATCH, 1337)
-        self.fwd = torch.compile(self.model) if compile else self.model
+        self.loss_fn = model_loss(torch.compile(self.model) if legacy_compile else self.model, compile=compile)
+        self.unfolded_clip = unfolded_clip
         self.model.train()
         self.step_num = 0
 
     def step(self, mark=None) -> None:
         mark = mark or _no_mark
         tcfg = self.tcfg
-        lr = learning_rate(self.step_num, tcfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(self.optimizer, learning_rate(self.step_num, tcfg), tcfg)
         mark("start")
         x, y = self.sampler.batch(self.step_num)
         x, y = x.to("cpu"), y.to("cpu")
         mark("batch")
         with torch.autocast("cpu", dtype=None, enabled=False):
-            out = self.fwd(x)
-            loss = next_token_loss(out.logits, y)
+            loss, aux_loss = self.loss_fn(x, y)
         mark("forward+loss")
         loss.backward()
         self.step_loss = loss.item()
         mark("backward")
-        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip).item()
+        if self.unfolded_clip:
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, tcfg.grad_clip).item()
+        else:
+            self.grad_norm = clip_grad_norm(self.optimizer, self.params, tcfg.grad_clip)
         mark("clip")
         self.step_num += 1
         self.optimizer.step()
@@ -448,6 +460,58 @@ def run_trainer_interleaved(tokens_dir: Path, ref: NanoGPTRunner, rounds: int, s
             "nanogpt-eager": stats(ref_windows), "steps_per_run": steps, "rounds": rounds}
 
 
+def matmul_attention_floor(reps: int, say) -> dict:
+    """ms of one step's GEMMs and SDPA calls alone (medians over `reps` repetitions each).
+
+    Per layer: q, k, v, o (128 -> 128), up (128 -> 512), down (512 -> 128), each as forward,
+    input gradient and weight gradient; plus the lm_head's three; plus SDPA forward+backward
+    (B 12, 4 heads, T 64, head 32, causal) per layer. The exact GELU's forward+backward
+    (ATen, the faster of eager and inductor here) is reported beside it: nanoGPT computes
+    it too, though it is not a matmul.
+    """
+    n, c = TOKENS_PER_STEP, N_EMBD
+    linears = [(c, c)] * 4 + [(c, 4 * c), (4 * c, c)]
+    gemms = []
+    for k_in, k_out in linears * N_LAYER + [(c, VOCAB)]:
+        x, w, dy = torch.randn(n, k_in), torch.randn(k_out, k_in), torch.randn(n, k_out)
+        gemms += [lambda x=x, w=w: F.linear(x, w), lambda dy=dy, w=w: dy @ w, lambda dy=dy, x=x: dy.t() @ x]
+    q, k, v = (torch.randn(BATCH, N_HEAD, BLOCK, c // N_HEAD, requires_grad=True) for _ in range(3))
+    dout = torch.randn(BATCH, N_HEAD, BLOCK, c // N_HEAD)
+    h = torch.randn(n, 4 * c, requires_grad=True)
+    dh = torch.randn(n, 4 * c)
+
+    def all_gemms():
+        for g in gemms:
+            g()
+
+    def attention():
+        for _ in range(N_LAYER):
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(dout)
+
+    def gelu():
+        for _ in range(N_LAYER):
+            F.gelu(h).backward(dh)
+
+    out = {}
+    for name, fn in (("gemm", all_gemms), ("sdpa", attention), ("gelu", gelu)):
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        out[f"{name}_ms"] = statistics.median(times)
+    flops = sum(2 * n * a * b for a, b in linears * N_LAYER + [(c, VOCAB)]) * 3
+    out["gemm_gflop"] = flops / 1e9
+    out["gemm_gflops_per_s"] = flops / (out["gemm_ms"] / 1e3) / 1e9
+    out["floor_ms"] = out["gemm_ms"] + out["sdpa_ms"]
+    say(f"floor: {len(gemms)} GEMMs ({out['gemm_gflop']:.2f} GFLOP) {out['gemm_ms']:.1f} ms "
+        f"({out['gemm_gflops_per_s']:.0f} GFLOP/s), SDPA fwd+bwd x{N_LAYER} {out['sdpa_ms']:.1f} ms: "
+        f"{out['floor_ms']:.1f} ms; exact GELU fwd+bwd x{N_LAYER} {out['gelu_ms']:.1f} ms")
+    return out
+
+
 def phase_breakdown(runners: dict, rounds: int, steps: int, say) -> dict:
     """Median ms of each phase of a step (perf_counter marks; interleaved like the main timing)."""
     acc: dict[str, dict[str, list[float]]] = {name: {} for name in runners}
@@ -460,9 +524,9 @@ def phase_breakdown(runners: dict, rounds: int, steps: int, say) -> dict:
                     acc[name].setdefault(label, []).append((t1 - t0) * 1e3)
     out = {name: {label: statistics.median(v) for label, v in phases.items()} for name, phases in acc.items()}
     labels = ["batch", "forward+loss", "backward", "clip", "optimizer"]
-    say(f"{'phase (ms, median)':<20}" + "".join(f"{label:>14}" for label in labels) + f"{'sum':>8}")
+    say(f"{'phase (ms, median)':<25}" + "".join(f"{label:>14}" for label in labels) + f"{'sum':>8}")
     for name, phases in out.items():
-        say(f"{name:<20}" + "".join(f"{phases.get(label, 0.0):>14.2f}" for label in labels)
+        say(f"{name:<25}" + "".join(f"{phases.get(label, 0.0):>14.2f}" for label in labels)
             + f"{sum(phases.values()):>8.2f}")
     return out
 
@@ -508,9 +572,11 @@ def main() -> None:
     parser.add_argument("--no-trainer", action="store_true", help="skip the real Trainer.run() comparison")
     parser.add_argument("--trainer-rounds", type=int, default=3)
     parser.add_argument("--trainer-steps", type=int, default=150)
-    parser.add_argument("--trainer-compile", action="store_true", help="Trainer.run() with train.compile=true")
+    parser.add_argument("--trainer-eager", action="store_true",
+                        help="Trainer.run() with train.compile=false (default: true, the faster path)")
     parser.add_argument("--ablate", action="store_true",
-                        help="also time prototypes of suggested model changes (bias=False, fused qkv, exact GELU)")
+                        help="also time the earlier compile and clip code paths and a fused-qkv prototype")
+    parser.add_argument("--no-floor", action="store_true", help="skip the matmul + attention floor")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-phase breakdown")
     parser.add_argument("--profile", action="store_true",
                         help="torch.profiler tables for the eager variants (the profiler itself distorts timings)")
@@ -530,10 +596,10 @@ def main() -> None:
         if not args.no_compile:
             runners["ours-compile"] = OursRunner(tokens, compile=True)
         if args.ablate:
-            runners["ours-nobias"] = OursRunner(tokens, model_overrides={"bias": False})
-            runners["ours-gelu-exact"] = OursRunner(tokens, patches=("gelu-exact",))
-            runners["ours-nobias-qkv-gelu"] = OursRunner(tokens, model_overrides={"bias": False},
-                                                         patches=("fused-qkv", "gelu-exact"))
+            runners["ours-eager-unfolded-clip"] = OursRunner(tokens, unfolded_clip=True)
+            runners["ours-compile-model-only"] = OursRunner(tokens, legacy_compile=True, unfolded_clip=True)
+            if not args.no_compile:
+                runners["ours-compile-fused-qkv"] = OursRunner(tokens, compile=True, patches=("fused-qkv",))
         runners["nanogpt-eager"] = NanoGPTRunner(data_dir)
         if args.ref_compile:
             runners["nanogpt-compile"] = NanoGPTRunner(data_dir, compile=True)
@@ -547,10 +613,12 @@ def main() -> None:
         trainer = None
         if not args.no_trainer:
             trainer = run_trainer_interleaved(data_dir, runners["nanogpt-eager"], args.trainer_rounds,
-                                              args.trainer_steps, args.trainer_compile, say)
+                                              args.trainer_steps, not args.trainer_eager, say)
+        floor = None if args.no_floor else matmul_attention_floor(20 if args.quick else 60, say)
         breakdown = None
         if not args.no_breakdown:
-            breakdown = phase_breakdown({n: runners[n] for n in ("ours-eager", "nanogpt-eager")},
+            breakdown = phase_breakdown({n: runners[n] for n in ("ours-eager", "ours-compile", "nanogpt-eager")
+                                         if n in runners},
                                         max(2, args.rounds // 2), args.steps, say)
         prof = None
         if args.profile:
@@ -564,26 +632,32 @@ def main() -> None:
         r["speedup_vs_nanogpt_eager_p10"] = results["nanogpt-eager"]["ms_p10"] / r["ms_p10"]
         r["speedup_vs_anchor"] = ANCHOR["ms_per_iter"] / r["ms_per_iter_median"]
     say("")
-    say(f"{'variant':<21} {'ms/iter med':>11} {'p10':>7} {'p90':>7} {'tokens/s':>9} {'vs nanoGPT':>10} "
+    say(f"{'variant':<25} {'ms/iter med':>11} {'p10':>7} {'p90':>7} {'tokens/s':>9} {'vs nanoGPT':>10} "
         f"{'(p10)':>7} {'warm-up s':>9}")
     for name, r in results.items():
-        say(f"{name:<21} {r['ms_per_iter_median']:>11.1f} {r['ms_p10']:>7.1f} {r['ms_p90']:>7.1f} "
+        say(f"{name:<25} {r['ms_per_iter_median']:>11.1f} {r['ms_p10']:>7.1f} {r['ms_p90']:>7.1f} "
             f"{r['tokens_per_s']:>9,.0f} {r['speedup_vs_nanogpt_eager']:>9.2f}x "
             f"{r['speedup_vs_nanogpt_eager_p10']:>6.2f}x {r['warmup_s']:>9.1f}")
     if trainer:
         t, rr = trainer["trainer"], trainer["nanogpt-eager"]
-        say(f"{'Trainer.run()':<21} {t['ms_per_iter_median']:>11.1f} {'':>7} {'':>7} {t['tokens_per_s']:>9,.0f} "
+        say(f"{'Trainer.run()':<25} {t['ms_per_iter_median']:>11.1f} {'':>7} {'':>7} {t['tokens_per_s']:>9,.0f} "
             f"{rr['ms_per_iter_median'] / t['ms_per_iter_median']:>9.2f}x {'':>7}   (10-step windows; nanoGPT in the same "
             f"windows {rr['ms_per_iter_median']:.1f} ms/iter{', compiled' if t['compile'] else ', eager'})")
         trainer["speedup_vs_nanogpt_eager"] = rr["ms_per_iter_median"] / t["ms_per_iter_median"]
-    say(f"{'ANCHORS.md nanoGPT':<21} {ANCHOR['ms_per_iter']:>11.1f} {'':>7} {'':>7} {ANCHOR['tokens_per_s']:>9,.0f} "
+    say(f"{'ANCHORS.md nanoGPT':<25} {ANCHOR['ms_per_iter']:>11.1f} {'':>7} {'':>7} {ANCHOR['tokens_per_s']:>9,.0f} "
         f"{'':>10}   (nanoGPT itself on a quiet 2 vCPU AMD EPYC; context only, not this run; this CPU: "
         f"{cpu_model()})")
-    shipped = ("ours-eager", "ours-compile")  # --ablate variants are prototypes, not the shipped code
+    shipped = ("ours-eager", "ours-compile")  # --ablate variants are not the shipped code
     best = max((n for n in results if n in shipped), key=lambda n: results[n]["speedup_vs_nanogpt_eager"])
     speedup = results[best]["speedup_vs_nanogpt_eager"]
     say(f"best ours: {best} at {speedup:.2f}x nanoGPT-eager measured here (goal >= {GOAL_SPEEDUP}x): "
         f"{'met' if speedup >= GOAL_SPEEDUP else 'NOT met'}")
+    if floor:
+        floor["max_speedup_at_floor"] = ref_ms / floor["floor_ms"]
+        floor["max_speedup_at_floor_plus_gelu"] = ref_ms / (floor["floor_ms"] + floor["gelu_ms"])
+        say(f"ceiling: nanoGPT {ref_ms:.1f} ms / floor {floor['floor_ms']:.1f} ms (matmuls + attention alone) = "
+            f"{floor['max_speedup_at_floor']:.2f}x; with the exact GELU {floor['max_speedup_at_floor_plus_gelu']:.2f}x "
+            f"(everything else at zero cost)")
 
     out = {
         "config": {"vocab": VOCAB, "n_layer": N_LAYER, "n_head": N_HEAD, "n_embd": N_EMBD, "block_size": BLOCK,
@@ -600,6 +674,7 @@ def main() -> None:
         "best_ours": best,
         "best_speedup_vs_nanogpt_eager": speedup,
         "goal_met": speedup >= GOAL_SPEEDUP,
+        "floor": floor,
         "phase_breakdown_ms": breakdown,
         "profile": prof,
     }

@@ -66,6 +66,18 @@ class GPTConfig(ModelConfig):
         return self.d_ff or 4 * self.d_model
 
 
+@torch.compiler.disable
+def _eager_embedding(embedding: nn.Embedding, input_ids: torch.Tensor) -> torch.Tensor:
+    """`embedding(input_ids)` kept out of torch.compile graphs (a graph break) when training.
+
+    Inductor lowers the embedding's backward to a scatter with atomic adds on CPU, so the
+    order in which rows sharing a token are summed, and the gradient's last bits, change
+    from run to run: compiled training would not repeat itself, nor resume bit for bit.
+    ATen's backward sums in a fixed order, and at nanoGPT's size it is also faster.
+    """
+    return embedding(input_ids)
+
+
 class GPTBlock(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -120,7 +132,10 @@ class GPTForCausalLM(CausalLM):
             raise SLMError(f"sequence of {past + q_len} tokens exceeds the model's context of "
                            f"{self.config.context_length}; shorten the input or raise context_length")
         positions = positions_from_mask(attention_mask, past, q_len, input_ids.device)
-        x = self.drop(self.embed_tokens(input_ids) + self.embed_positions(positions))
+        tokens = (_eager_embedding(self.embed_tokens, input_ids)
+                  if self.training and torch.is_grad_enabled() and torch.compiler.is_compiling()
+                  else self.embed_tokens(input_ids))
+        x = self.drop(tokens + self.embed_positions(positions))
         bias = attention_bias(q_len, past, attention_mask, None, input_ids.device)
         for i, layer in enumerate(self.layers):
             x = layer(x, bias, cache, i)

@@ -4,6 +4,9 @@ Weight decay applies only to tensors of rank >= 2 (matrices, embeddings): decayi
 gains and biases pulls them toward zero for no benefit. The schedule is a pure function of
 the step so resuming needs no scheduler state.
 
+`clip_grad_norm` is `torch.nn.utils.clip_grad_norm_` with the scaling folded into a fused
+optimizer's update kernel: one pass over the gradients less per step.
+
 `optimizer: muon` pairs `torch.optim.Muon` (orthogonalised momentum; it only accepts 2-D
 tensors and is meant for hidden weight matrices) with AdamW for everything Muon should not
 see: embeddings, the LM head, norms' gains and biases. Every param group carries its own
@@ -82,6 +85,30 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> Optimizer:
             [{"params": muon_params, "base_lr": cfg.muon_lr}], lr=cfg.muon_lr,
             weight_decay=cfg.muon_weight_decay, momentum=cfg.muon_momentum, adjust_lr_fn="original")
     return CombinedOptimizer(parts)
+
+
+def clip_grad_norm(optimizer: Optimizer, params: list[nn.Parameter], max_norm: float | None,
+                   fold_into_optimizer: bool = True) -> float:
+    """The gradients' total 2-norm before clipping; clips them to `max_norm` (None: no clipping).
+
+    The clip is torch's (scale by max_norm / (norm + 1e-6) when that is below 1). A fused
+    torch optimizer (our AdamW) does not get its gradients rewritten: the scale goes to
+    its next `step()` as the `grad_scale` it reads for AMP, which divides each gradient by
+    it inside the update kernel. The update then differs from scaling first by at most an
+    ulp (a divide instead of a multiply), and `.grad` holds clipped values only after the
+    step. Every call sets or clears that scale, so call this once before each `step()`.
+    Anything else (Muon, FSDP's sharded tensors: `fold_into_optimizer=False`) goes through
+    `clip_grad_norm_`.
+    """
+    limit = math.inf if max_norm is None else max_norm
+    if not (fold_into_optimizer and isinstance(optimizer, torch.optim.Optimizer)
+            and optimizer.defaults.get("fused") and getattr(optimizer, "_step_supports_amp_scaling", False)):
+        return torch.nn.utils.clip_grad_norm_(params, limit).item()
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    norm = total.item()
+    optimizer.grad_scale = (total + 1e-6) / limit if norm + 1e-6 > limit else None
+    return norm
 
 
 def set_learning_rate(optimizer: Optimizer, lr: float, cfg: TrainConfig) -> None:

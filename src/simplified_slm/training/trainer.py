@@ -45,7 +45,7 @@ from simplified_slm.training.distributed import (
 from simplified_slm.training.hooks import ActivationStats, build_hooks
 from simplified_slm.training.loggers import MultiLogger, build_loggers
 from simplified_slm.training.monitoring import firing_rates, grad_norms_by_group, ternary_stats
-from simplified_slm.training.optim import build_optimizer, set_learning_rate
+from simplified_slm.training.optim import build_optimizer, clip_grad_norm, set_learning_rate
 from simplified_slm.training.run_info import RunLock, new_run_id, write_run_info
 
 
@@ -79,6 +79,19 @@ def training_texts(cfg: ExperimentConfig) -> Callable[[], Any]:
     def texts() -> Any:
         return (doc.text for doc in read_documents(source))
     return texts
+
+
+def model_loss(forward: Callable[[torch.Tensor], Any], compile: bool = False) -> Callable[..., Any]:
+    """`(x, y) -> (next-token loss, the model's aux loss or None)`: one training forward.
+
+    With `compile` the model's forward and the loss become one torch.compile graph (and its
+    backward one more), so the cross-entropy fuses with the LM head instead of running as
+    separate eager ops.
+    """
+    def loss_of(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = forward(x)
+        return next_token_loss(out.logits, y), out.aux_loss
+    return torch.compile(loss_of) if compile else loss_of
 
 
 @dataclass
@@ -220,7 +233,12 @@ class Trainer:
         if self.dist.enabled and not fsdp:
             forward = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        forward = torch.compile(forward) if tcfg.compile else forward
+        # train.compile: forward and loss compile as one graph; distillation needs the logits
+        # and DDP its no_sync context, so there the model alone is compiled
+        whole = tcfg.compile and distiller is None and not self.dist.enabled
+        forward = torch.compile(forward) if tcfg.compile and not whole else forward
+        train_loss = model_loss(forward, compile=whole)
+        params = [p for p in model.parameters()]
         stats_hooks = [h for h in forward_hooks if isinstance(h, ActivationStats)]
 
         def eval_metrics(pcfg: Any) -> dict[str, float]:
@@ -273,25 +291,26 @@ class Trainer:
                     sync = micro == tcfg.grad_accum_steps - 1 or not self.dist.enabled
                     with contextlib.nullcontext() if sync else forward.no_sync():
                         with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
-                            out = forward(x)
                             if distiller is None:
-                                loss = next_token_loss(out.logits, y)
+                                loss, aux_loss = train_loss(x, y)
                             else:
+                                out = forward(x)
                                 loss, ce, kd = distiller.loss(out.logits, x, y)
+                                aux_loss = out.aux_loss
                                 ce_total += ce.item() / tcfg.grad_accum_steps
                                 kd_total += kd.item() / tcfg.grad_accum_steps
-                            total = loss + out.aux_loss if out.aux_loss is not None else loss
+                            total = loss + aux_loss if aux_loss is not None else loss
                         (total / tcfg.grad_accum_steps).backward()
                     step_loss += loss.item() / tcfg.grad_accum_steps
-                    if out.aux_loss is not None:
-                        aux_total += out.aux_loss.item() / tcfg.grad_accum_steps
+                    if aux_loss is not None:
+                        aux_total += aux_loss.item() / tcfg.grad_accum_steps
                 step_loss, aux_total = self.dist.mean(step_loss), self.dist.mean(aux_total)
                 for hook in update_hooks:
                     hook.apply(model, step)
                 log_now = (step + 1) % tcfg.log_every == 0
                 group_norms = grad_norms_by_group(model) if log_now else {}  # raw, before clipping
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    model.parameters(), tcfg.grad_clip if tcfg.grad_clip else math.inf).item()
+                # clipping is folded into the fused AdamW's update (see clip_grad_norm)
+                grad_norm = clip_grad_norm(optimizer, params, tcfg.grad_clip or None, fold_into_optimizer=not fsdp)
                 step += 1
                 if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
                     optimizer.zero_grad(set_to_none=True)
