@@ -4,6 +4,7 @@ import csv
 import math
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -192,9 +193,43 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
     assert all(torch.isfinite(t).all() for t in weights.values())
 
 
-def _launch(tmp_path: Path, run_dir: Path, extra=()):
+class PoisonOneLoss(hooks_mod.ForwardHook):
+    """Makes the first block's output NaN on the `at`-th training forward (the loss itself)."""
+
+    def __init__(self, at: int = 4) -> None:
+        self.at, self.calls, self._handles = at, 0, []
+
+    def attach(self, model):
+        def poison(module, inputs, output):
+            if not module.training:
+                return None
+            self.calls += 1
+            return output * float("nan") if self.calls == self.at else None
+        self._handles.append(model.layers[0].register_forward_hook(poison))
+
+
+def test_one_nonfinite_loss_is_skipped_and_training_carries_on(tmp_path, monkeypatch):
+    monkeypatch.setitem(hooks_mod.FORWARD_HOOKS, "poison_loss", PoisonOneLoss)
+    said = []
+    cfg = tiny_experiment(tmp_path, max_steps=20, log_every=1, checkpoint_every=10)
+    cfg["hooks"] = [{"name": "poison_loss", "params": {"at": 4}}]
+    result = Trainer(ExperimentConfig.from_dict(cfg), say=said.append).run()
+    assert result.losses and all(math.isfinite(x) for x in result.losses)
+    assert len(result.losses) == 19  # 20 steps, the 4th skipped: its NaN loss never reached the weights
+    assert any("step 4 has a non-finite loss" in m and "1 in this run" in m for m in said)
+    weights = final_weights(tmp_path)
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    skipped = [r for r in rows if r["name"] == "train/skipped_nonfinite_total"]
+    assert [(int(r["step"]), float(r["value"])) for r in skipped] == [(4, 1.0)]
+    # the count survives in the checkpoint, so a resumed run keeps counting from it
+    state = json.loads((tmp_path / "checkpoints" / "latest" / "trainer_state.json").read_text())
+    assert state["skipped_nonfinite"] == 1
+
+
+def _launch(tmp_path: Path, run_dir: Path, extra=(), checkpoint_every=5):
     cfg_path = tmp_path / "cfg.json"
-    cfg_path.write_text(json.dumps(tiny_experiment(run_dir, max_steps=60, checkpoint_every=5)))
+    cfg_path.write_text(json.dumps(tiny_experiment(run_dir, max_steps=60, checkpoint_every=checkpoint_every)))
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     return subprocess.Popen([sys.executable, "-m", "simplified_slm.cli", "train", "--config", str(cfg_path),
                              *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -223,15 +258,24 @@ def reference_run(tmp_path_factory):
 def test_interrupted_run_resumes_to_the_same_model(tmp_path, sig, reference_run):
     reference = reference_run
     run_dir = tmp_path / "interrupted"
-    proc = _launch(tmp_path, run_dir)
+    # SIGTERM/SIGINT: no periodic checkpoints, so resuming can only use the one the signal wrote
+    every = 5 if sig == signal.SIGKILL else 1000
+    proc = _launch(tmp_path, run_dir, checkpoint_every=every)
     _wait_for_steps(run_dir, 3, proc)
     proc.send_signal(sig)
     code = proc.wait(timeout=60)
     if sig == signal.SIGKILL:
         assert code == -signal.SIGKILL
     else:
-        assert code == 130, proc.communicate()  # stopped cleanly after writing a checkpoint
-    proc = _launch(tmp_path, run_dir, ["--resume", "auto"])
+        out, err = proc.communicate()
+        assert code == 130, err  # stopped cleanly after writing a checkpoint
+        stopped = re.search(r"stopped at step (\d+) \(%s\)" % sig.name, out + err)
+        assert stopped, out + err
+        saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+        assert saved[-1] == f"step_{int(stopped.group(1)):08d}"  # (earlier ones: best-val saves)
+        assert (run_dir / "checkpoints" / "latest").resolve().name == saved[-1]
+        assert 3 <= int(stopped.group(1)) < 60
+    proc = _launch(tmp_path, run_dir, ["--resume", "auto"], checkpoint_every=every)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     a, b = final_weights(reference), final_weights(run_dir)

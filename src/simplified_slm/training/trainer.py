@@ -207,9 +207,11 @@ class Trainer:
         ckpts = CheckpointManager(self.run_dir / "checkpoints", tcfg.keep_checkpoints, self.say)
         start = self.dist.from_main(self._find_resume(ckpts) if self.dist.is_main else None)
         step, best_val, run_id = 0, math.inf, new_run_id()
+        skipped_total = 0  # non-finite steps skipped over the whole run, resumes included
         if start is not None:  # weights and RNG now, into the plain model; the optimizer below
             state = load_training_files(start, model, None)
             step, best_val, run_id = state["step"], state["best_val_loss"], state["run_id"]
+            skipped_total = int(state.get("skipped_nonfinite", 0))
         fsdp = self.dist.enabled and tcfg.distributed == "fsdp"
         if self.dist.enabled:
             self.say(f"distributed: {self.dist.world_size} processes, {tcfg.distributed} over "
@@ -258,7 +260,7 @@ class Trainer:
             if optimizer_state is None:
                 optimizer_state = optimizer.state_dict()
             state = {"step": at_step, "best_val_loss": best_val, "run_id": run_id, "config_hash": cfg.hash(),
-                     "config": cfg.to_dict()}
+                     "config": cfg.to_dict(), "skipped_nonfinite": skipped_total}
             return ckpts.save(at_step, lambda d: save_training_files(d, saved_model, tokenizer, optimizer_state, state), best)
 
         losses: list[float] = []
@@ -315,9 +317,11 @@ class Trainer:
                 if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
                     optimizer.zero_grad(set_to_none=True)
                     bad_in_row += 1
+                    skipped_total += 1
                     self.say(f"warning: step {step} has a non-finite loss or gradient; skipped "
-                             f"({bad_in_row} in a row)")
-                    loggers.log(step, {"train/skipped_nonfinite": float(bad_in_row)})
+                             f"({bad_in_row} in a row, {skipped_total} in this run)")
+                    loggers.log(step, {"train/skipped_nonfinite": float(bad_in_row),
+                                       "train/skipped_nonfinite_total": float(skipped_total)})
                     if bad_in_row >= tcfg.max_nonfinite_steps:
                         path = save(step)
                         raise SLMError(f"training diverged: {bad_in_row} non-finite steps in a row ending at "
