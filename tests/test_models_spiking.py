@@ -230,3 +230,18 @@ def test_tiny_spiking_model_learns_tinyshakespeare(tmp_path):
     with open(tmp_path / "metrics.csv", newline="") as fh:
         rates = [float(r["value"]) for r in csv.DictReader(fh) if r["name"] == "snn/firing_rate/all"]
     assert 0.02 < rates[-1] < 0.8
+
+
+def test_snntorch_neurons_are_freed_with_their_model():
+    """snntorch keeps every neuron in a class-level list; ours leave it, so models are freed."""
+    import gc
+    import weakref
+
+    before = len(snn.SpikingNeuron.instances)
+    model = spiking_model()
+    model(torch.randint(0, 256, (1, 8)))
+    ref = weakref.ref(model)
+    assert len(snn.SpikingNeuron.instances) == before
+    del model
+    gc.collect()
+    assert ref() is None

@@ -256,7 +256,7 @@ def import_gguf_llama(path: str | Path) -> LlamaForCausalLM:
         raise SLMError(f"GGUF file {path} does not exist")
     tf = _transformers()
     try:
-        hf = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
+        hf = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except ImportError as err:
         raise SLMError(f"reading GGUF needs `pip install gguf accelerate` ({str(err).splitlines()[0]})") from None
     return llama_from_transformers(hf)
@@ -281,7 +281,7 @@ def import_hf_llama(directory: str | Path) -> LlamaForCausalLM:
                        "in an environment you trust (transformers: save_pretrained(..., safe_serialization=True))")
     tf = _transformers()
     try:
-        hf = tf.AutoModelForCausalLM.from_pretrained(str(directory), torch_dtype=torch.float32,
+        hf = tf.AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32,
                                                      use_safetensors=True)
     except OSError as err:  # e.g. stray .safetensors files but no model.safetensors
         raise SLMError(f"cannot load {directory}: {(str(err).splitlines() or ['?'])[0]}; it needs "

@@ -155,6 +155,9 @@ def snntorch_leaky(beta: float, threshold: float, surrogate: Surrogate, slope: f
 
     spike_grad = sg.atan(alpha=slope) if surrogate == "atan" else sg.fast_sigmoid(slope=slope)
     neuron = snn.Leaky(beta=beta, threshold=threshold, spike_grad=spike_grad, reset_mechanism=reset_mechanism)
+    # snntorch registers every neuron in a class-level list for its global reset helpers,
+    # which we never use (state lives in our cache); left there, no model would ever be freed
+    snn.SpikingNeuron.instances.remove(neuron)
     for name, buffer in list(neuron.named_buffers(recurse=False)):
         delattr(neuron, name)
         neuron.register_buffer(name, buffer, persistent=False)
