@@ -1,15 +1,20 @@
 """BitNet (seed 001 TinyLM) inference at batch 1: prefill and decode tokens/s.
 
-Three runs of the same weights:
+Runs of the same weights, ours timed through `model.generate(greedy=True)` as a user calls
+it (prefill = prompt to first token, decode = the tokens after it, from `on_token` times):
 
 - `fp32 fake-quant`: the training model in eval mode (float weights, re-quantised once and
   cached, activations quantised per call);
-- `int8 packed`: our BitLinears frozen on int8 ternary codes, `torch._int_mm` matmuls;
+- `int8 packed`: our BitLinears frozen on int8 ternary codes, `torch._int_mm` matmuls,
+  q/k/v and gate/up each one stacked matmul (`sibling_projections`);
+- both again with `compile=True` (the one-token decode step through `torch.compile`; the
+  one-off compilation is timed apart and reported, not counted);
 - `transformers`: stock transformers' BitNetForCausalLM loaded from our `export_hf`
-  folder (packed uint8 weights, unpacked on every call);
+  folder (packed uint8 weights, unpacked on every call), its own cached loop;
 
 plus our int8 model with multi-head latent attention at the same width (other weights:
-transformers has no MLA). Each shape runs at configs/tinylm.json's 8192-token BPE vocab
+transformers has no MLA). Every row but MLA must produce fp32's greedy tokens
+(`same_tokens_as_fp32`). Each shape runs at configs/tinylm.json's 8192-token BPE vocab
 and at the preset's 32000: the lm_head stays float32 in every variant (quantising it
 would change the logits), so its share of the decode step bounds the int8 speed-up.
 
@@ -38,33 +43,44 @@ from simplified_slm.models.bitnet import BitNetConfig, BitNetForCausalLM, cache_
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_bitnet_inference.json"
 
 
-def ours_runner(model: BitNetForCausalLM, prompt: torch.Tensor, new_tokens: int) -> Callable[[], tuple[float, float]]:
-    """(prefill seconds, decode seconds) of one greedy generation with our cache."""
-    def run() -> tuple[float, float]:
-        cache = model.make_cache(1, prompt.shape[1] + new_tokens)
+def ours_runner(model: BitNetForCausalLM, prompt: torch.Tensor, new_tokens: int,
+                compile: bool = False) -> Callable[[], tuple[float, float, torch.Tensor]]:
+    """(prefill seconds, decode seconds, tokens) of one greedy `model.generate` call.
+
+    Prefill ends when the first new token arrives; decode is the remaining new_tokens - 1.
+    """
+    def run() -> tuple[float, float, torch.Tensor]:
+        stamps: list[float] = []
         start = time.perf_counter()
-        nxt = model(prompt, cache=cache).logits[:, -1:].argmax(-1)
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        for _ in range(new_tokens):
-            nxt = model(nxt, cache=cache).logits[:, -1:].argmax(-1)
-        return prefill, time.perf_counter() - start
+        out = model.generate(prompt, new_tokens, greedy=True, compile=compile,
+                             on_token=lambda _: stamps.append(time.perf_counter()))
+        return stamps[0] - start, stamps[-1] - stamps[0], out[:, prompt.shape[1]:]
     return run
 
 
-def hf_runner(model, prompt: torch.Tensor, new_tokens: int) -> Callable[[], tuple[float, float]]:
-    """The same loop on a transformers model with its DynamicCache."""
-    def run() -> tuple[float, float]:
+def warm_compiled(model: BitNetForCausalLM, prompt: torch.Tensor, new_tokens: int) -> float:
+    """Seconds of the one-off compilation: two generate calls of different lengths, after
+    which the decode graph is dynamic in the cache length and size (no more recompiles)."""
+    start = time.perf_counter()
+    for extra in (0, 3):
+        model.generate(prompt, new_tokens + extra, greedy=True, compile=True)
+    return time.perf_counter() - start
+
+
+def hf_runner(model, prompt: torch.Tensor, new_tokens: int) -> Callable[[], tuple[float, float, torch.Tensor]]:
+    """The same greedy loop on a transformers model with its DynamicCache."""
+    def run() -> tuple[float, float, torch.Tensor]:
         start = time.perf_counter()
         out = model(prompt, use_cache=True)
-        nxt = out.logits[:, -1:].argmax(-1)
+        tokens = [out.logits[:, -1:].argmax(-1)]
         prefill = time.perf_counter() - start
         cache = out.cache
         start = time.perf_counter()
-        for _ in range(new_tokens):
-            out = model(nxt, cache=cache, use_cache=True)
-            cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
-        return prefill, time.perf_counter() - start
+        for _ in range(new_tokens - 1):
+            out = model(tokens[-1], cache=cache, use_cache=True)
+            cache = out.cache
+            tokens.append(out.logits[:, -1:].argmax(-1))
+        return prefill, time.perf_counter() - start, torch.cat(tokens, 1)
     return run
 
 
@@ -86,17 +102,34 @@ def cache_table(config: BitNetConfig, gqa_kv_heads: int) -> dict[str, dict[str, 
     return table
 
 
-def measure(config: BitNetConfig, args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """Rows of the table for one model shape: tokens/s, speed-ups and logit differences."""
+FP32, INT8 = "fp32 fake-quant", "int8 packed (ours)"
+FP32_C, INT8_C = "fp32 fake-quant, compiled", "int8 packed, compiled"
+
+
+def first_difference(a: torch.Tensor, b: torch.Tensor) -> int | None:
+    """Index of the first generated token where a and b differ; None if they agree."""
+    differ = (a != b).flatten().nonzero()
+    return int(differ[0]) if len(differ) else None
+
+
+def measure(config: BitNetConfig, args: argparse.Namespace) -> dict[str, dict[str, float | bool | None]]:
+    """Rows of the table for one model shape: tokens/s, speed-ups, logit and token checks."""
+    torch.compiler.reset()  # the previous shape's graphs would count against dynamo's recompile limit
     torch.manual_seed(0)
     fake = BitNetForCausalLM(config).eval()
     packed = copy.deepcopy(fake).freeze_ternary(int8=True)
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt))
-    runners = {"fp32 fake-quant": ours_runner(fake, prompt, args.new_tokens),
-               "int8 packed (ours)": ours_runner(packed, prompt, args.new_tokens)}
+    runners = {FP32: ours_runner(fake, prompt, args.new_tokens), INT8: ours_runner(packed, prompt, args.new_tokens)}
+    compile_seconds = {}
+    if not args.no_compile:
+        runners[FP32_C] = ours_runner(fake, prompt, args.new_tokens, compile=True)
+        runners[INT8_C] = ours_runner(packed, prompt, args.new_tokens, compile=True)
+        compile_seconds = {FP32_C: warm_compiled(fake, prompt, args.new_tokens),
+                           INT8_C: warm_compiled(packed, prompt, args.new_tokens)}
     with torch.no_grad():
         reference = fake(prompt).logits
-        diffs = {"int8 packed (ours)": (packed(prompt).logits - reference).abs().max().item()}
+        diffs = {INT8: (packed(prompt).logits - reference).abs().max().item()}
+        diffs[INT8_C] = diffs[INT8]  # generate runs the prompt eagerly; only decode steps are compiled
     with tempfile.TemporaryDirectory() as tmp:
         if not args.no_transformers:
             import transformers
@@ -109,23 +142,31 @@ def measure(config: BitNetConfig, args: argparse.Namespace) -> dict[str, dict[st
         mla = BitNetForCausalLM(BitNetConfig.from_dict({**config.to_dict(), "attention": "mla",
                                                         "num_key_value_heads": None})).eval()
         runners["int8 packed, MLA"] = ours_runner(mla.freeze_ternary(int8=True), prompt, args.new_tokens)
-        times: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
+        samples: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
+        tokens: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for run in runners.values():  # warm-up: caches, torch.compile in transformers' BitLinear
                 run()
             for _ in range(args.rounds):  # interleaved, so load changes hit every variant alike
                 for name, run in runners.items():
-                    times[name].append(run())
-    rows = {}
-    for name, samples in times.items():
-        rows[name] = {"prefill_tokens_per_s": statistics.median(args.prompt / p for p, _ in samples),
-                      "decode_tokens_per_s": statistics.median(args.new_tokens / d for _, d in samples),
-                      "max_logit_diff_vs_fp32": diffs.get(name)}
-    base = rows["fp32 fake-quant"]
+                    prefill, decode, tokens[name] = run()
+                    samples[name].append((prefill, decode))
+    rows: dict[str, dict[str, float | bool | None]] = {}
+    for name, times in samples.items():
+        same_weights = "MLA" not in name
+        rows[name] = {"prefill_tokens_per_s": statistics.median(args.prompt / p for p, _ in times),
+                      "decode_tokens_per_s": statistics.median((args.new_tokens - 1) / d for _, d in times),
+                      "max_logit_diff_vs_fp32": 0.0 if name.startswith(FP32) else diffs.get(name),
+                      "same_tokens_as_fp32": torch.equal(tokens[name], tokens[FP32]) if same_weights else None,
+                      "first_token_differing_from_fp32":
+                          first_difference(tokens[name], tokens[FP32]) if same_weights else None,
+                      "compile_seconds": compile_seconds.get(name)}
     for row in rows.values():
-        row["prefill_vs_fp32"] = row["prefill_tokens_per_s"] / base["prefill_tokens_per_s"]
-        row["decode_vs_fp32"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-    rows["fp32 fake-quant"]["max_logit_diff_vs_fp32"] = 0.0
+        row["prefill_vs_fp32"] = row["prefill_tokens_per_s"] / rows[FP32]["prefill_tokens_per_s"]
+        row["decode_vs_fp32"] = row["decode_tokens_per_s"] / rows[FP32]["decode_tokens_per_s"]
+    if INT8_C in rows:  # compiled int8 against fp32 compiled the same way: speed and exactness
+        rows[INT8_C]["decode_vs_fp32_compiled"] = rows[INT8_C]["decode_tokens_per_s"] / rows[FP32_C]["decode_tokens_per_s"]
+        rows[INT8_C]["same_tokens_as_fp32_compiled"] = torch.equal(tokens[INT8_C], tokens[FP32_C])
     return rows
 
 
@@ -141,6 +182,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gqa-kv-heads", type=int, default=4, help="kv heads of the GQA row of the cache table")
     parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled rows (about 2 minutes "
+                                                                  "of compilation per vocab on 2 cores)")
     parser.add_argument("--json", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -155,12 +198,23 @@ def main() -> None:
         print(f"\nbitnet preset '{args.preset}', vocab {vocab}: {params / 1e6:.1f}M parameters, batch 1, "
               f"prompt {args.prompt}, {args.new_tokens} decoded tokens x {args.rounds} rounds, "
               f"{args.threads} threads (shared machine)")
-        print(f"{'variant':<22}{'prefill tok/s':>15}{'x fp32':>8}{'decode tok/s':>14}{'x fp32':>8}{'max |dlogit|':>14}")
+        print(f"{'variant':<28}{'prefill tok/s':>14}{'x fp32':>8}{'decode tok/s':>14}{'x fp32':>8}"
+              f"{'max |dlogit|':>14}{'fp32 tokens':>13}")
         for name, row in rows.items():
-            diff = row["max_logit_diff_vs_fp32"]
-            print(f"{name:<22}{row['prefill_tokens_per_s']:>15.1f}{row['prefill_vs_fp32']:>8.2f}"
+            diff, same = row["max_logit_diff_vs_fp32"], row["same_tokens_as_fp32"]
+            print(f"{name:<28}{row['prefill_tokens_per_s']:>14.1f}{row['prefill_vs_fp32']:>8.2f}"
                   f"{row['decode_tokens_per_s']:>14.2f}{row['decode_vs_fp32']:>8.2f}"
-                  f"{'other weights' if diff is None else f'{diff:.2e}':>14}")
+                  f"{'other weights' if diff is None else f'{diff:.2e}':>14}{'-' if same is None else str(same):>13}")
+        for name in (FP32_C, INT8_C):
+            if name in rows:
+                print(f"{name}: compilation {rows[name]['compile_seconds']:.0f} s once per model (not in the figures)")
+        if INT8_C in rows:
+            row = rows[INT8_C]
+            print(f"int8 compiled vs fp32 compiled: {row['decode_vs_fp32_compiled']:.2f}x decode, same tokens: "
+                  f"{row['same_tokens_as_fp32_compiled']}")
+        for name, row in rows.items():
+            if row.get("first_token_differing_from_fp32") is not None:
+                print(f"{name}: greedy tokens leave fp32 eager's at token {row['first_token_differing_from_fp32']}")
     config = BitNetConfig.preset(args.preset)
     caches = cache_table(config, args.gqa_kv_heads)
     print(f"\ngeneration cache per token (fp32, {config.num_hidden_layers} layers, width {config.hidden_size})")

@@ -44,8 +44,10 @@ def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int = 100, *, 
     token); each row then gets the same tokens it would get alone. Rows that emit
     `eos_token_id` are padded with `pad_token_id` (default: eos) until all rows finish.
     `on_token` receives each new column of ids (for streaming output). `compile=True` runs
-    the one-token decode steps through `torch.compile` (the prompt runs eagerly); the first
-    call pays the compilation, see benchmarks/bench_decode_smollm2.py for whether it pays.
+    the one-token decode steps through `torch.compile`; the prompt runs eagerly, which also
+    refreshes the weight caches the compiled step reads (BitLinear's codes and stacks). The
+    first call pays the compilation; benchmarks/bench_decode_smollm2.py and
+    bench_bitnet_inference.py show whether it pays.
     """
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)

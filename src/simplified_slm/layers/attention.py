@@ -1,6 +1,7 @@
 """Causal self-attention shared by every transformer family (MHA, GQA, MQA, sliding window).
 
-One implementation: the projections are injectable (nn.Linear or BitLinear), positions
+One implementation: the projections are injectable (nn.Linear or BitLinear; frozen int8
+BitLinears run q/k/v as one matmul, see `sibling_projections`), positions
 come in as an optional rotary callable, and masks are built once per forward by
 `attention_bias` and shared by all layers with the same window.
 
@@ -23,6 +24,7 @@ from torch import nn
 from simplified_slm.errors import SLMError
 from simplified_slm.layers.kv_cache import KVCache
 from simplified_slm.layers.rope import Rotary
+from simplified_slm.ops.bitnet import sibling_projections
 
 LinearFactory = Callable[..., nn.Module]
 AttnImplementation = Literal["sdpa", "eager"]
@@ -137,9 +139,10 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, bias: AttentionBias, position_ids: torch.Tensor | None = None,
                 rotary: Rotary | None = None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         batch, q_len, _ = x.shape
-        q = self.q_proj(x).view(batch, q_len, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = sibling_projections(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(batch, q_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if rotary is not None:
             q, k = rotary(q, k, position_ids)
         if cache is not None:

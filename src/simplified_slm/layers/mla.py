@@ -35,7 +35,7 @@ from torch import nn
 
 from simplified_slm.errors import SLMError
 from simplified_slm.layers.attention import ATTN_IMPLEMENTATIONS, AttentionBias, LinearFactory, Rotary, attend
-from simplified_slm.ops.bitnet import BitLinear
+from simplified_slm.ops.bitnet import BitLinear, sibling_projections
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,10 +144,12 @@ class MultiHeadLatentAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
         self._absorbed_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    def _query(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dims.q_lora_rank is None:
-            return self.q_proj(x)
-        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and the kv down-projection; their first matmuls read x, so frozen int8
+        BitLinears run them as one (`sibling_projections`)."""
+        low_rank = self.dims.q_lora_rank is not None
+        first, kv = sibling_projections(x, (self.q_a_proj if low_rank else self.q_proj, self.kv_a_proj_with_mqa))
+        return (self.q_b_proj(self.q_a_layernorm(first)) if low_rank else first), kv
 
     def forward(self, x: torch.Tensor, bias: AttentionBias, position_ids: torch.Tensor | None = None,
                 rotary: Rotary | None = None, cache: MLACache | None = None, layer: int = 0) -> torch.Tensor:
@@ -155,9 +157,10 @@ class MultiHeadLatentAttention(nn.Module):
             raise SLMError("multi-head latent attention needs RoPE positions; pass rotary=")
         d, heads = self.dims, self.num_heads
         batch, q_len, _ = x.shape
-        q = self._query(x).view(batch, q_len, heads, -1).transpose(1, 2)
-        q_nope, q_rope = q.split([d.qk_nope_head_dim, d.qk_rope_head_dim], dim=-1)
-        latent, k_rope = self.kv_a_proj_with_mqa(x).split([d.kv_lora_rank, d.qk_rope_head_dim], dim=-1)
+        q, kv = self._project(x)
+        q_nope, q_rope = q.view(batch, q_len, heads, -1).transpose(1, 2).split(
+            [d.qk_nope_head_dim, d.qk_rope_head_dim], dim=-1)
+        latent, k_rope = kv.split([d.kv_lora_rank, d.qk_rope_head_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
         q_rope, k_rope = rotary(q_rope, k_rope.unsqueeze(1), position_ids)  # one rope key for all heads
         dropout = self.dropout if self.training else 0.0

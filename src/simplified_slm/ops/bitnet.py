@@ -5,7 +5,8 @@ gradients straight through (STE, `x + (q(x) - x).detach()`), so the float master
 keep learning. Inference can `freeze()` a layer into int8 ternary codes plus one scale.
 BitLinear multiplies integer levels by integer codes and divides once afterwards, so every
 path (training, frozen float, frozen int8, transformers' BitNet) gives the same float32
-output bit for bit; see `BitLinear`.
+output bit for bit; see `BitLinear`. Frozen int8 projections that read one input (q/k/v,
+gate/up) run as one stacked matmul, still bit for bit; see `sibling_projections`.
 
 Scale convention (the seed's, and transformers' `weight_scale`): `scale` multiplies the
 float value into the integer grid, so the dequantised value is `code / scale`.
@@ -13,7 +14,7 @@ float value into the integer grid, so the dequantised value is `code / scale`.
 
 from __future__ import annotations
 
-import weakref
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -136,29 +137,104 @@ def _int8_matmul(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return F.linear(x.float(), codes.float())
 
 
-class _SharedInputQuant:
-    """Int8 levels and scales of the tensor the int8 path quantised last.
+def _int8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """BitLinear's frozen int8 forward: quantise x per token, integer matmul, one division.
 
-    Sibling projections read the same input tensor (q/k/v, gate/up), and at batch-1
-    decoding the per-call overhead of quantising it dominates over the data, so doing it
-    once instead of three times is worth a weak reference. A hit needs the very same
-    tensor object at the same version counter: a freed, edited or different tensor never
-    matches. The entry is one tuple, replaced in one assignment.
+    `scale` is the weight scale (0-dim) or one per output column (stacked siblings); both
+    give every column the same float32 product x_scale * w_scale, so the result equals
+    the fake-quant forward bit for bit. x is flattened to 2-D *before* quantising:
+    inductor (torch 2.13) lowers the (1, K) view of a quantised (1, 1, K) tensor with a
+    row stride of 0, which CPU `_int_mm` silently misreads, so a compiled decode step
+    must hand it a freshly made 2-D tensor.
     """
-
-    def __init__(self) -> None:
-        self._entry: tuple[weakref.ref, int, torch.Tensor, torch.Tensor] | None = None
-
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        entry = self._entry
-        if entry is not None and entry[0]() is x and entry[1] == x._version:
-            return entry[2], entry[3]
-        levels, scale = activation_quant_int8(x)
-        self._entry = (weakref.ref(x), x._version, levels, scale)
-        return levels, scale
+    x_int, x_scale = activation_quant_int8(x.reshape(-1, x.shape[-1]))
+    # Rescale in float32 (the integer sums exceed bf16's 8-bit mantissa); dividing the
+    # int32 sums directly casts them exactly, without a separate copy.
+    y = _int8_matmul(x_int, codes) / (x_scale.float() * scale.float())
+    return y.to(x.dtype).reshape(*x.shape[:-1], codes.shape[0])
 
 
-_shared_input_quant = _SharedInputQuant()
+class _Stack(NamedTuple):
+    """Ternary codes of sibling BitLinears stacked along the output dim, one scale per row."""
+
+    key: tuple[int, ...]
+    codes: torch.Tensor  # (sum of out_features, in_features) int8
+    scales: torch.Tensor  # (sum of out_features,) float32
+    sizes: list[int]
+
+
+def _stack_key(layers: Sequence["BitLinear"]) -> tuple[int, ...]:
+    """Storage address and version of every code and scale buffer: changes whenever one is
+    replaced (`load_packed`, `.to()`), edited in place (`load_state_dict`) or re-frozen."""
+    return tuple(v for layer in layers for t in (layer.weight_codes, layer.weight_scale)
+                 for v in (t.data_ptr(), t._version))
+
+
+@torch.inference_mode(False)
+def _build_stack(layers: Sequence["BitLinear"]) -> _Stack:
+    """Concatenate the codes once and make each layer's `weight_codes` a view of the result,
+    so the stack costs no memory and the state dict keeps its names and shapes.
+
+    Built outside inference mode even when called inside it: the buffers must stay normal
+    tensors, which `load_state_dict` can write and whose versions `_stack_key` reads.
+    """
+    codes = torch.cat([layer.weight_codes for layer in layers])
+    sizes = [layer.out_features for layer in layers]
+    scales = torch.cat([layer.weight_scale.float().reshape(1).expand(n) for layer, n in zip(layers, sizes)])
+    for layer, rows in zip(layers, codes.split(sizes)):
+        layer.weight_codes = rows
+    return _Stack(_stack_key(layers), codes, scales, sizes)
+
+
+def _stackable(layer: nn.Module, in_features: int) -> bool:
+    """A frozen int8 BitLinear that multiplies its raw input: no input norm, no bias."""
+    return (isinstance(layer, BitLinear) and layer.frozen and layer.int8 and layer.norm is None
+            and layer.bias is None and layer.in_features == in_features)
+
+
+def _stacked(layers: Sequence[nn.Module]) -> _Stack | None:
+    """The stack of `layers` if they can run as one int8 matmul (all `_stackable`, autograd
+    off), else None.
+
+    The stack lives on the first layer and is rebuilt when any buffer changes. While
+    torch.compile traces, the key (storage addresses) cannot be read, so the stack the last
+    eager call checked is used as is, or the layers run one by one when there is none yet:
+    `generate(compile=True)` runs the prompt eagerly before every compiled decode, which
+    refreshes it. Buffers made inside `torch.inference_mode` (a model frozen there) have no
+    version counter to watch, so they are not stacked.
+    """
+    first = layers[0]
+    if torch.is_grad_enabled() or not all(_stackable(layer, first.in_features) for layer in layers):
+        return None
+    stack = first._stack
+    if torch.compiler.is_compiling():
+        return stack
+    if any(layer.weight_codes.is_inference() or layer.weight_scale.is_inference() for layer in layers):
+        return None
+    if stack is None or stack.key != _stack_key(layers):
+        stack = first._stack = _build_stack(layers)
+    return stack
+
+
+def sibling_projections(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
+    """`[layer(x) for layer in layers]` for projections that read one input (q/k/v, gate/up).
+
+    Frozen int8 BitLinears run as one: a single activation quantisation, `_int_mm` and
+    rescale instead of one each per layer, which matters because per-call overhead, not
+    data, dominates batch-1 decoding on CPU. Quantising once is exact (the inputs are the
+    same tensor) and each output column is the same integer sum divided by the same
+    product as in its own layer, so the outputs are bit-identical to the separate calls.
+    Any other layers (nn.Linear, fake-quant or float-frozen BitLinear) run one by one.
+
+    The parts are made contiguous, as separate outputs would be: on a strided column
+    slice torch's CPU SiLU takes its scalar loop, whose last bit differs from the
+    vectorised one. A decode step's single row is contiguous already (no copy).
+    """
+    stack = _stacked(layers)
+    if stack is None:
+        return [layer(x) for layer in layers]
+    layers[0]._check_input(x)
+    return [part.contiguous() for part in _int8_linear(x, stack.codes, stack.scales).split(stack.sizes, dim=-1)]
 
 
 class BitLinear(nn.Linear):
@@ -202,6 +278,7 @@ class BitLinear(nn.Linear):
         self.int8 = False
         self._inference_codes: tuple[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None
         self._dense: tuple[tuple[int, int, torch.dtype | None], torch.Tensor] | None = None
+        self._stack: _Stack | None = None  # set by `sibling_projections` on the first of a group
 
     @property
     def frozen(self) -> bool:
@@ -226,12 +303,7 @@ class BitLinear(nn.Linear):
         if self.norm is not None:
             x = self.norm(x)
         if self.frozen and self.int8:
-            x_int, x_scale = _shared_input_quant(x) if not torch.is_grad_enabled() else activation_quant_int8(x)
-            y = _int8_matmul(x_int.reshape(-1, self.in_features), self.weight_codes)
-            # Rescale in float32 (the integer sums exceed bf16's 8-bit mantissa); dividing
-            # the int32 sums directly casts them exactly, without a separate copy.
-            y = y.reshape(*x.shape[:-1], self.out_features) / (x_scale.float() * self.weight_scale.float())
-            y = y.to(x.dtype)
+            y = _int8_linear(x, self.weight_codes, self.weight_scale)
         else:
             levels, x_scale = _ActivationLevels.apply(x)
             codes, w_scale = self._codes(x.dtype)
@@ -292,6 +364,8 @@ class BitLinear(nn.Linear):
         if torch.is_grad_enabled():
             self._inference_codes = None
             return _WeightCodes.apply(self.weight)
+        if torch.compiler.is_compiling() and self._inference_codes is not None:
+            return self._inference_codes[1]  # storage addresses cannot be traced; see `_stacked`
         key = (self.weight.data_ptr(), self.weight._version)
         if self._inference_codes is None or self._inference_codes[0] != key:
             scale = _absmean_scale(self.weight)
