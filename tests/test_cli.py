@@ -158,6 +158,15 @@ def test_generate_with_top_k_and_top_p(trained, capsys, option, narrow, wide):
     assert sampled == _generated(capsys, ckpt, option, wide, "--seed", "3")  # seeded: reproducible
 
 
+def test_generate_compiled_decode(trained, capsys):
+    ckpt = str(trained / "checkpoints" / "best")
+    greedy = _generated(capsys, ckpt, "--greedy")
+    compiled = _generated(capsys, ckpt, "--greedy", "--compile")
+    # compiled kernels may round the last bits differently; a trained model's greedy path
+    # over a few tokens has clear margins, so the text is the same
+    assert compiled == greedy and len(compiled) > len("KING:")
+
+
 def test_tokenizer_model_vocab_mismatch_is_one_line(trained, tmp_path):
     from simplified_slm.models import CausalLM
     from simplified_slm.tokenizers import ByteTokenizer, load_tokenizer

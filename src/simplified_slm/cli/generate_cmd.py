@@ -44,7 +44,8 @@ def complete(model: CausalLM, tokenizer: Tokenizer, prompt: str, args: argparse.
     out = model.generate(torch.tensor([ids], device=model.device), args.max_tokens, greedy=args.greedy,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                          repetition_penalty=args.repetition_penalty, seed=args.seed,
-                         eos_token_id=tokenizer.eos_token_id, on_token=on_token if stream else None)
+                         eos_token_id=tokenizer.eos_token_id, on_token=on_token if stream else None,
+                         compile=getattr(args, "compile", False))
     if stream:
         sys.stdout.write(tokenizer.decode(printed) + "\n")
     return tokenizer.decode(out[0, len(ids):])

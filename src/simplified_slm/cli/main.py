@@ -290,6 +290,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition_penalty", type=float, default=1.0)
     p.add_argument("--greedy", action="store_true")
     p.add_argument("--seed", type=int)
+    p.add_argument("--compile", action="store_true",
+                   help="run the one-token decode steps through torch.compile: faster per token "
+                        "after a one-off compile of several seconds; pays off for long outputs")
     p.add_argument("--interactive", action="store_true")
     p.add_argument("--prompt_file", "--prompt-file")
     p.add_argument("--output_file", "--output-file")
