@@ -608,7 +608,7 @@ def main() -> None:
         say(f"nanoGPT CPU recipe shape: vocab {VOCAB}, {N_LAYER}x{N_EMBD} ({N_HEAD} heads), block {BLOCK}, "
             f"batch {BATCH} = {TOKENS_PER_STEP} tokens/step; torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs ({cpu_model()})")
-        say(f"parameters: " + ", ".join(f"{n} {p:,}" for n, p in params.items()))
+        say("parameters: " + ", ".join(f"{n} {p:,}" for n, p in params.items()))
         results = run_interleaved(runners, args.rounds, args.steps, args.warmup, say)
         trainer = None
         if not args.no_trainer:

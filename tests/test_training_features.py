@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
