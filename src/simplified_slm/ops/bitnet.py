@@ -14,7 +14,7 @@ float value into the integer grid, so the dequantised value is `code / scale`.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -89,40 +89,38 @@ def straight_through(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
     return x + (quantized - x).detach()
 
 
-class _ActivationLevels(torch.autograd.Function):
-    """Per-token int8 levels of x (as floats) and their scale; backward: the STE.
+class _ScaledSTE(torch.autograd.Function):
+    """Quantised values of x (as floats) and their scale; backward: the STE.
 
-    The STE pretends rounding is the identity on x * scale, so d levels / dx = scale.
-    Nothing but the (tokens, 1) scale is saved for backward.
+    `scale_of(x)` gives the scale (per token for activations, one for a weight) and
+    `quantize(x, scale)` rounds x * scale onto the integer grid. The STE pretends rounding is
+    the identity on x * scale, so d values / dx = scale. Unlike `straight_through`, the
+    forward returns the quantised values themselves (x + (q - x) can round off q) and only
+    the scale is saved for backward.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        scale = _absmax_scale(x)
+    def forward(ctx, x: torch.Tensor, scale_of: Callable[[torch.Tensor], torch.Tensor],  # type: ignore[override]
+                quantize: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = scale_of(x)
         ctx.save_for_backward(scale)
         ctx.mark_non_differentiable(scale)
-        return _int8_levels(x, scale), scale
+        return quantize(x, scale), scale
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor, _: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
         (scale,) = ctx.saved_tensors
-        return grad * scale
+        return grad * scale, None, None
 
 
-class _WeightCodes(torch.autograd.Function):
-    """Ternary codes of w (as floats) and the absmean scale; backward: the STE (d codes / dw = scale)."""
+def _activation_levels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int8 levels of x (as floats) and their scales, with the STE."""
+    return _ScaledSTE.apply(x, _absmax_scale, _int8_levels)
 
-    @staticmethod
-    def forward(ctx, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        scale = _absmean_scale(w)
-        ctx.save_for_backward(scale)
-        ctx.mark_non_differentiable(scale)
-        return _ternarize(w, scale), scale
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor, _: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        (scale,) = ctx.saved_tensors
-        return grad * scale
+def _weight_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ternary codes of w (as floats) and the absmean scale, with the STE."""
+    return _ScaledSTE.apply(w, _absmean_scale, _ternarize)
 
 
 def _int8_matmul(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -305,7 +303,7 @@ class BitLinear(nn.Linear):
         if self.frozen and self.int8:
             y = _int8_linear(x, self.weight_codes, self.weight_scale)
         else:
-            levels, x_scale = _ActivationLevels.apply(x)
+            levels, x_scale = _activation_levels(x)
             codes, w_scale = self._codes(x.dtype)
             y = F.linear(levels, codes) / (x_scale * w_scale)
         return y if self.bias is None else y + self.bias
@@ -329,7 +327,7 @@ class BitLinear(nn.Linear):
         self._check_input(x)
         if self.norm is not None:
             x = self.norm(x)
-        levels, scale = _ActivationLevels.apply(x)
+        levels, scale = _activation_levels(x)
         return levels / scale
 
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -363,7 +361,7 @@ class BitLinear(nn.Linear):
             return self.weight_codes.to(dtype), self.weight_scale.to(dtype)
         if torch.is_grad_enabled():
             self._inference_codes = None
-            return _WeightCodes.apply(self.weight)
+            return _weight_codes(self.weight)
         if torch.compiler.is_compiling() and self._inference_codes is not None:
             return self._inference_codes[1]  # storage addresses cannot be traced; see `_stacked`
         key = (self.weight.data_ptr(), self.weight._version)

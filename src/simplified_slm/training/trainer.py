@@ -240,7 +240,7 @@ class Trainer:
         whole = tcfg.compile and distiller is None and not self.dist.enabled
         forward = torch.compile(forward) if tcfg.compile and not whole else forward
         train_loss = model_loss(forward, compile=whole)
-        params = [p for p in model.parameters()]
+        params = list(model.parameters())
         stats_hooks = [h for h in forward_hooks if isinstance(h, ActivationStats)]
 
         def eval_metrics(pcfg: Any) -> dict[str, float]:
