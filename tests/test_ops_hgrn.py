@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from simplified_slm.errors import SLMError
-from simplified_slm.ops.hgrn import chunk_hgrn, fused_recurrent_hgrn, naive_recurrent_hgrn
+from simplified_slm.ops.hgrn import chunk_hgrn, fused_recurrent_hgrn, hgrn, naive_recurrent_hgrn
+from simplified_slm.ops.hgrn import native
 from simplified_slm.ops.hgrn.chunk import _chunk_size
 
 # 1 (single token), 2, odd lengths, and lengths with whole chunks plus a ragged tail.
@@ -87,14 +88,95 @@ def test_gradcheck(fn):
     assert torch.autograd.gradcheck(lambda a, b, c: fn(a, b, c, True), inputs)
 
 
+@pytest.fixture(params=["native", "stepping"])
+def fused_form(request, monkeypatch):
+    """fused_recurrent_hgrn on the C kernel, and on in-place stepping (the fallback)."""
+    if request.param == "stepping":
+        monkeypatch.setattr(native, "native_available", lambda x: False)
+        monkeypatch.setattr("simplified_slm.ops.hgrn.recurrent_fuse.native_available", lambda x: False)
+    return request.param
+
+
+def test_c_kernel_is_built_where_a_compiler_exists():
+    # CI and this machine have a compiler: the fast path must really be in use there,
+    # so the native-form tests below cannot silently test the fallback instead.
+    if native._compiler() is not None:
+        assert native.native_available(torch.zeros(1, 2, 3))
+    assert not native.native_available(torch.zeros(1, 2, 3, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("gates", GATES)
 @pytest.mark.parametrize("length", LENGTHS)
-def test_fused_recurrent_equals_naive(length, with_state):
-    i, f, h0 = _case(length, "mixed", with_state, torch.float32)
+def test_fused_recurrent_equals_naive(fused_form, length, gates, with_state, dtype):
+    i, f, h0 = _case(length, gates, with_state, dtype)
     got, want = _run(fused_recurrent_hgrn, i, f, h0), _run(naive_recurrent_hgrn, i, f, h0)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     for g, w in zip(got[2:], want[2:]):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+        if fused_form == "native":  # same operations in the same order: bit for bit
+            assert torch.equal(g, w)
+        else:  # the chunk-parallel backward: float rounding, relative to the largest value
+            assert (g - w).abs().max() <= (1e-5 if dtype == torch.float32 else 1e-10) * w.abs().max()
+
+
+def test_c_kernel_rows_wider_than_one_job_and_threads_agree():
+    # 4100 channels split into two jobs per row; results must not depend on the thread count
+    gen = torch.Generator().manual_seed(5)
+    i = torch.randn(3, 9, native.MAX_BLOCK + 4, generator=gen)
+    f = torch.rand(3, 9, native.MAX_BLOCK + 4, generator=gen)
+    h0 = torch.randn(3, native.MAX_BLOCK + 4, generator=gen)
+    want = _run(naive_recurrent_hgrn, i, f, h0)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for got, w in zip(_run(fused_recurrent_hgrn, i, f, h0), want):
+                assert torch.equal(got, w)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_broken_compiler_falls_back_to_the_chunk_form(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "false")  # exists, always fails
+    monkeypatch.setenv("SLM_KERNEL_CACHE", str(tmp_path))
+    native._library.cache_clear()
+    try:
+        i, f, h0 = _case(40, "mixed", True, torch.float64)
+        with caplog.at_level("WARNING"):
+            assert not native.native_available(i)
+        assert "HGRN C kernel unavailable" in caplog.text
+        for got, want in zip(_run(hgrn, i, f, h0), _run(naive_recurrent_hgrn, i, f, h0)):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        assert list(tmp_path.iterdir()) == []  # no half-built file left behind
+    finally:
+        native._library.cache_clear()
+
+
+def test_kernel_cache_is_written_once_and_reused(tmp_path, monkeypatch):
+    if native._compiler() is None:
+        pytest.skip("no C compiler on this machine: the fallback test covers it")
+    monkeypatch.setenv("SLM_KERNEL_CACHE", str(tmp_path))
+    native._library.cache_clear()
+    try:
+        assert native._library() is not None
+        (built,) = tmp_path.iterdir()
+        stamp = built.stat().st_mtime_ns
+        native._library.cache_clear()
+        assert native._library() is not None
+        assert [p.name for p in tmp_path.iterdir()] == [built.name]
+        assert built.stat().st_mtime_ns == stamp
+    finally:
+        native._library.cache_clear()
+
+
+def test_opting_out_uses_the_pytorch_forms(monkeypatch):
+    monkeypatch.setenv("SLM_HGRN_NATIVE", "0")
+    native._library.cache_clear()
+    try:
+        assert not native.native_available(torch.zeros(1, 2, 3))
+    finally:
+        native._library.cache_clear()
 
 
 def test_stepping_one_token_at_a_time_equals_full_reference():
@@ -132,19 +214,21 @@ def test_non_contiguous_inputs():
     proj = torch.randn(3, 70, 16, generator=gen, dtype=torch.float64)
     i, f = proj.chunk(2, dim=-1)
     f = f.sigmoid()
-    torch.testing.assert_close(chunk_hgrn(i, f)[0], naive_recurrent_hgrn(i, f)[0], rtol=1e-12, atol=1e-12)
+    for fn in (chunk_hgrn, fused_recurrent_hgrn):
+        torch.testing.assert_close(fn(i, f)[0], naive_recurrent_hgrn(i, f)[0], rtol=1e-12, atol=1e-12)
 
 
 def test_broadcast_upstream_gradient():
     # o.sum() hands the backward an expanded (stride 0) gradient
     i, f, h0 = _case(50, "uniform", True, torch.float64)
     grads = []
-    for fn in (naive_recurrent_hgrn, chunk_hgrn):
+    for fn in (naive_recurrent_hgrn, chunk_hgrn, fused_recurrent_hgrn):
         leaves = [t.clone().requires_grad_() for t in (i, f, h0)]
         fn(*leaves)[0].sum().backward()
         grads.append([t.grad for t in leaves])
-    for got, want in zip(grads[1], grads[0]):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for other in grads[1:]:
+        for got, want in zip(other, grads[0]):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 def test_no_final_state_unless_asked():

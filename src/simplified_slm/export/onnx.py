@@ -14,7 +14,8 @@ What is exported, and why (`export_program` is shared with the Core ML export):
   models pass `is_causal = q_len > 1`, which is a symbolic bool, not a bool, while tracing.
 - hgrn_bit's recurrence as torch's `scan` op, which the exporter turns into an ONNX Scan
   loop. `chunk_hgrn`'s Python loops depend on the sequence length, so tracing them would
-  freeze the graph to the traced length.
+  freeze the graph to the traced length, and the C kernel of the fused form cannot be
+  traced at all.
 - `optimize=False`: onnxscript's optimizer (0.7) rewrites `x + c` to `x` when |c| <= 1e-8
   (its `x + 0` rule compares with abs_tol=1e-8), which deletes BitLinear's RMSNorm
   eps=1e-8 and moves hgrn_bit's logits by ~1e-5. onnxruntime optimises the graph itself
@@ -154,15 +155,15 @@ def scan_hgrn(i: torch.Tensor, f: torch.Tensor, initial_state: torch.Tensor | No
 
 @contextlib.contextmanager
 def _traceable_recurrence() -> Iterator[None]:
-    """Run HGRN layers on `scan_hgrn` while exporting (their module picks `chunk_hgrn` by name)."""
+    """Run HGRN layers on `scan_hgrn` while exporting (their module picks `hgrn` by name)."""
     import simplified_slm.layers.hgrn_bit as hgrn_layers
 
-    original = hgrn_layers.chunk_hgrn
-    hgrn_layers.chunk_hgrn = scan_hgrn
+    original = hgrn_layers.hgrn
+    hgrn_layers.hgrn = scan_hgrn
     try:
         yield
     finally:
-        hgrn_layers.chunk_hgrn = original
+        hgrn_layers.hgrn = original
 
 
 def _summary(err: BaseException) -> str:

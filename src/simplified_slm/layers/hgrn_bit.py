@@ -20,7 +20,7 @@ from simplified_slm.layers.mlp import GatedMLP
 from simplified_slm.ops.activations import swiglu
 from simplified_slm.ops.bitnet import BitLinear
 from simplified_slm.ops.fused_norm_gate import FusedRMSNormSwishGate
-from simplified_slm.ops.hgrn import chunk_hgrn, fused_recurrent_hgrn
+from simplified_slm.ops.hgrn import hgrn
 from simplified_slm.utils.cache import RecurrentCache
 
 
@@ -50,8 +50,7 @@ class HGRNBitAttention(nn.Module):
         if attention_mask is not None:  # padded positions add nothing to the state
             i = i * attention_mask[:, -x.shape[1]:, None].to(i.dtype)
         state = cache.get(self.layer_idx) if cache is not None else None
-        scan = fused_recurrent_hgrn if cache is not None and x.shape[1] == 1 else chunk_hgrn
-        h, final = scan(i, f, state, cache is not None)
+        h, final = hgrn(i, f, state, cache is not None)
         if cache is not None:
             cache.set(self.layer_idx, final)
         return self.o_proj(self.g_norm(h, self.g_proj(x)))

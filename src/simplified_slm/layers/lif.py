@@ -37,7 +37,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from simplified_slm.ops.hgrn import chunk_hgrn
+from simplified_slm.ops.hgrn import hgrn
 
 Surrogate = Literal["atan", "fast_sigmoid"]
 ResetMechanism = Literal["subtract", "zero"]
@@ -98,7 +98,7 @@ class _LIFScan(torch.autograd.Function):
             grad[:, -1] += d_final
         # a_{t+1}, the factor carrying g_{t+1} back to U_t; r_{t+1} is S_t
         decay = torch.full_like(grad, beta) if subtract else beta * (1 - spikes)
-        g = chunk_hgrn(grad.flip(1), decay.flip(1))[0].flip(1)
+        g = hgrn(grad.flip(1), decay.flip(1))[0].flip(1)
         d_mem0 = None
         if ctx.needs_input_grad[1]:
             first = beta if subtract else beta * (1 - (mem0 > threshold).to(g.dtype))

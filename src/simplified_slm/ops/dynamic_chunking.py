@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simplified_slm.ops.hgrn import chunk_hgrn
+from simplified_slm.ops.hgrn import hgrn
 
 P_MIN = 1e-4  # EMA probabilities are clamped to [P_MIN, 1 - P_MIN]
 
@@ -140,7 +140,7 @@ def ema_dechunk(z: torch.Tensor, prob: torch.Tensor, mask: torch.Tensor | None =
         i = i * mask[..., None].to(dtype)
     f = (1 - p).expand_as(i).contiguous()
     h0 = initial_state.to(dtype) if initial_state is not None else None
-    smoothed, final = chunk_hgrn(i, f, h0, output_final_state)
+    smoothed, final = hgrn(i, f, h0, output_final_state)
     return smoothed.to(z.dtype), final
 
 

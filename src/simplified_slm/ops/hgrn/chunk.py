@@ -22,6 +22,7 @@ loop is never recorded by autograd and saves only f, the output and the initial 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -158,20 +159,29 @@ def scan_hgrn(
     f: torch.Tensor,
     initial_state: torch.Tensor | None,
     output_final_state: bool,
-    *,
-    chunked: bool,
+    scan: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Shared entry of the chunk and fused-recurrent forms; `chunked` picks the forward.
+    """Shared entry of the fast forms: check and flatten to (N, T, D), run `scan`, unflatten.
 
     The final state is cloned out of the output so a decoding cache holding it does not
     keep the whole prefill output alive.
     """
     i3, f3, h0 = flatten_hgrn_inputs(i, f, initial_state)
-    o3 = _HGRNFunction.apply(i3, f3, h0, chunked)
+    o3 = scan(i3, f3, h0)
     final = None
     if output_final_state:
         final = o3[:, -1].clone().reshape(i.shape[:-2] + i.shape[-1:])
     return o3.reshape(i.shape), final
+
+
+def chunked_scan(i: torch.Tensor, f: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
+    """The chunk-parallel forward and backward on flattened (N, T, D) inputs."""
+    return _HGRNFunction.apply(i, f, h0, True)
+
+
+def stepped_scan(i: torch.Tensor, f: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
+    """One in-place step per token (decoding), with the chunk-parallel backward."""
+    return _HGRNFunction.apply(i, f, h0, False)
 
 
 def chunk_hgrn(
@@ -186,4 +196,4 @@ def chunk_hgrn(
     returns (o, final_state or None). Agrees with the reference to float rounding (the
     chunk passes use fused multiply-adds and a different association of the products).
     """
-    return scan_hgrn(i, f, initial_state, output_final_state, chunked=True)
+    return scan_hgrn(i, f, initial_state, output_final_state, chunked_scan)

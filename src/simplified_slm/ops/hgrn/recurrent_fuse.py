@@ -1,16 +1,17 @@
-"""Step-by-step HGRN for decoding with a cached state.
+"""Fused recurrent HGRN: one sequential pass over time, as FLA's `fused_recurrent_hgrn`.
 
-Decoding feeds one (or a few) tokens at a time, where chunking has nothing to split: a
-plain loop writing each step in place is the cheapest form, and it rounds exactly like
+On CPU with float32/float64 inputs it runs the C kernel of `native.py` (one pass per
+direction, all channels of a row together). Elsewhere it steps token by token in place,
+which is still the cheapest form for decoding one or a few tokens. Both round exactly like
 the naive reference, so a decoded continuation equals the full-sequence reference output.
-It stays differentiable through the shared reversed-scan backward.
 """
 
 from __future__ import annotations
 
 import torch
 
-from simplified_slm.ops.hgrn.chunk import scan_hgrn
+from simplified_slm.ops.hgrn.chunk import scan_hgrn, stepped_scan
+from simplified_slm.ops.hgrn.native import native_available, native_scan
 
 
 def fused_recurrent_hgrn(
@@ -19,8 +20,9 @@ def fused_recurrent_hgrn(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """HGRN stepped token by token; same contract as `naive_recurrent_hgrn`.
+    """HGRN as one sequential pass; same contract as `naive_recurrent_hgrn`.
 
     Pass the returned final_state back as `initial_state` to continue a sequence.
     """
-    return scan_hgrn(i, f, initial_state, output_final_state, chunked=False)
+    scan = native_scan if native_available(i) else stepped_scan
+    return scan_hgrn(i, f, initial_state, output_final_state, scan)
