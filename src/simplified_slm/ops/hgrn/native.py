@@ -48,13 +48,21 @@ _SOURCE = r"""
 
 #define MAX_BLOCK 4096  /* = MAX_BLOCK below */
 
+/* Threads worth waking: no more than there are jobs, and none for small work (a decode
+   step): waking a team costs more than the step, and a lot more when a core is busy. */
+static int team(int64_t jobs, int64_t elements, int threads) {
+    if (elements < 65536) return 1;
+    return jobs < threads ? (int)jobs : threads;
+}
+
 #define HGRN_KERNELS(T, SUFFIX)                                                         \
 void hgrn_forward_##SUFFIX(const T *restrict x, const T *restrict a,                   \
                            const T *restrict h0, T *restrict out, int64_t n,           \
                            int64_t len, int64_t dim, int threads) {                    \
     int64_t block = dim < MAX_BLOCK ? dim : MAX_BLOCK;                                \
     int64_t blocks = (dim + block - 1) / block;                                       \
-    _Pragma("omp parallel for num_threads(threads) schedule(static)")                 \
+    int use = team(n * blocks, n * len * dim, threads);                               \
+    _Pragma("omp parallel for num_threads(use) if(use > 1) schedule(static)")         \
     for (int64_t job = 0; job < n * blocks; ++job) {                                  \
         int64_t b = job / blocks, d0 = (job % blocks) * block;                        \
         int64_t w = dim - d0 < block ? dim - d0 : block;                              \
@@ -78,7 +86,8 @@ void hgrn_backward_##SUFFIX(const T *restrict dout, const T *restrict a,        
                             int64_t n, int64_t len, int64_t dim, int threads) {       \
     int64_t block = dim < MAX_BLOCK ? dim : MAX_BLOCK;                                \
     int64_t blocks = (dim + block - 1) / block;                                       \
-    _Pragma("omp parallel for num_threads(threads) schedule(static)")                 \
+    int use = team(n * blocks, n * len * dim, threads);                               \
+    _Pragma("omp parallel for num_threads(use) if(use > 1) schedule(static)")         \
     for (int64_t job = 0; job < n * blocks; ++job) {                                  \
         int64_t b = job / blocks, d0 = (job % blocks) * block;                        \
         int64_t w = dim - d0 < block ? dim - d0 : block;                              \
