@@ -102,7 +102,22 @@ def test_c_kernel_is_built_where_a_compiler_exists():
     # so the native-form tests below cannot silently test the fallback instead.
     if native._compiler() is not None:
         assert native.native_available(torch.zeros(1, 2, 3))
-    assert not native.native_available(torch.zeros(1, 2, 3, dtype=torch.bfloat16))
+    assert not native.native_available(torch.zeros(1, 2, 3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_is_scanned_in_float32(dtype):
+    # 2048 steps with gates near 1 carried in bf16 would drift far; the kernel carries
+    # float32 and rounds only the output, so it stays within one half-precision ulp.
+    i, f, h0 = _case(2048, "near1", True, torch.float32)
+    i, f, h0 = i.to(dtype), f.to(dtype), h0.to(dtype)
+    leaves = [t.clone().requires_grad_() for t in (i, f, h0)]
+    o, final = fused_recurrent_hgrn(*leaves, True)
+    assert o.dtype == dtype and final.dtype == dtype
+    want, _ = naive_recurrent_hgrn(i.float(), f.float(), h0.float())
+    assert ((o.float() - want).abs() <= 2 ** -7 * want.abs() + 1e-6).all()
+    o.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == dtype for t in leaves)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

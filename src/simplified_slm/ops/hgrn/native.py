@@ -18,8 +18,10 @@ loaded, so the kernel shares torch's thread pool and honours `torch.get_num_thre
 
 Numerics: multiply then add with contraction off, in the input dtype, exactly like the
 naive reference, so forward and backward agree with it bit for bit (float32 and float64).
-Any other dtype, device or a failed build falls back to the PyTorch forms; set
-`SLM_HGRN_NATIVE=0` to force that.
+Half-precision inputs (bf16 autocast) are scanned in float32 and the output cast back, as
+FLA's kernels do: a 2048-step recurrence carried in bf16 loses most of its mantissa.
+Another device or a failed build falls back to the PyTorch forms; set `SLM_HGRN_NATIVE=0`
+to force that.
 """
 
 from __future__ import annotations
@@ -195,9 +197,12 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
+_UPCAST = (torch.float16, torch.bfloat16)
+
+
 def native_available(x: torch.Tensor) -> bool:
-    """True when the C kernel can run on `x` (CPU float32/float64 and a built library)."""
-    return x.device.type == "cpu" and x.dtype in _SUFFIX and _library() is not None
+    """True when the C kernel can run on `x` (a CPU float tensor and a built library)."""
+    return x.device.type == "cpu" and (x.dtype in _SUFFIX or x.dtype in _UPCAST) and _library() is not None
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -246,5 +251,7 @@ def native_scan(
 
     torch.compile leaves it alone: dynamo cannot trace into a ctypes call.
     """
-    h0 = None if h0 is None else h0.contiguous()
-    return _NativeHGRN.apply(i.contiguous(), f.contiguous(), h0)
+    dtype = torch.float32 if i.dtype in _UPCAST else i.dtype
+    h0 = None if h0 is None else h0.to(dtype).contiguous()
+    o = _NativeHGRN.apply(i.to(dtype).contiguous(), f.to(dtype).contiguous(), h0)
+    return o.to(i.dtype)
