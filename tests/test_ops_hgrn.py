@@ -283,3 +283,23 @@ def test_impossible_shapes_raise_slm_error(fn, i_shape, f_shape, h0_shape, match
     h0 = None if h0_shape is None else torch.zeros(h0_shape)
     with pytest.raises(SLMError, match=match):
         fn(torch.zeros(i_shape), torch.zeros(f_shape), h0)
+
+
+def test_c_kernel_ops_pass_torch_opcheck():
+    # schema, fake (meta) implementation and autograd registration, as torch checks them
+    i, f, h0 = _case(20, "mixed", True, torch.float64)
+    for state in (h0, None):
+        args = (i.requires_grad_(), f.requires_grad_(), None if state is None else state.requires_grad_())
+        torch.library.opcheck(native._scan_op, args)
+
+
+def test_hgrn_compiles_without_graph_breaks():
+    i, f, h0 = _case(30, "uniform", True, torch.float32)
+    step = torch.compile(lambda a, b, c: hgrn(a * 2, b, c, True), fullgraph=True, backend="aot_eager")
+    leaves = [t.clone().requires_grad_() for t in (i, f, h0)]
+    o, final = step(*leaves)
+    want, want_final = naive_recurrent_hgrn(i * 2, f, h0, True)
+    torch.testing.assert_close(o, want)
+    torch.testing.assert_close(final, want_final)
+    o.sum().backward()
+    assert all(t.grad is not None for t in leaves)

@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
 
@@ -200,58 +201,78 @@ def _library() -> ctypes.CDLL | None:
 _UPCAST = (torch.float16, torch.bfloat16)
 
 
+@torch.compiler.assume_constant_result
+def _built() -> bool:
+    """Whether the library is here; a constant for torch.compile, which cannot trace a build."""
+    return _library() is not None
+
+
 def native_available(x: torch.Tensor) -> bool:
     """True when the C kernel can run on `x` (a CPU float tensor and a built library)."""
-    return x.device.type == "cpu" and (x.dtype in _SUFFIX or x.dtype in _UPCAST) and _library() is not None
+    return x.device.type == "cpu" and (x.dtype in _SUFFIX or x.dtype in _UPCAST) and _built()
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-class _NativeHGRN(torch.autograd.Function):
-    """h_t = f_t * h_{t-1} + i_t on contiguous (N, T, D); backward is the reversed scan."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        i: torch.Tensor,
-        f: torch.Tensor,
-        h0: torch.Tensor | None,
-    ) -> torch.Tensor:
-        n, length, dim = i.shape
-        o = torch.empty_like(i)
-        kernel = getattr(_library(), f"hgrn_forward_{_SUFFIX[i.dtype]}")
-        kernel(_ptr(i), _ptr(f), _ptr(h0), _ptr(o), n, length, dim, torch.get_num_threads())
-        ctx.save_for_backward(f, o, h0)
-        return o
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, do: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        f, o, h0 = ctx.saved_tensors
-        n, length, dim = f.shape
-        do = do.contiguous()
-        di, df = torch.empty_like(f), torch.empty_like(f)
-        dh0 = torch.empty_like(h0) if h0 is not None and ctx.needs_input_grad[2] else None
-        kernel = getattr(_library(), f"hgrn_backward_{_SUFFIX[f.dtype]}")
-        kernel(
-            _ptr(do), _ptr(f), _ptr(o), _ptr(h0), _ptr(di), _ptr(df), _ptr(dh0),
-            n, length, dim, torch.get_num_threads(),
-        )  # fmt: skip
-        return di, df, dh0
+# Registered as torch custom ops (not an autograd.Function) so torch.compile keeps them in
+# its graph as opaque calls instead of breaking the graph around a ctypes call.
+@torch.library.custom_op("simplified_slm::hgrn_scan", mutates_args=())
+def _scan_op(i: torch.Tensor, f: torch.Tensor, h0: Optional[torch.Tensor]) -> torch.Tensor:  # noqa: UP045
+    """h_t = f_t * h_{t-1} + i_t on contiguous (N, T, D) inputs of one float dtype."""
+    n, length, dim = i.shape
+    o = torch.empty_like(i)
+    kernel = getattr(_library(), f"hgrn_forward_{_SUFFIX[i.dtype]}")
+    kernel(_ptr(i), _ptr(f), _ptr(h0), _ptr(o), n, length, dim, torch.get_num_threads())
+    return o
 
 
-@torch.compiler.disable
-def native_scan(
-    i: torch.Tensor, f: torch.Tensor, h0: torch.Tensor | None
-) -> torch.Tensor:
-    """The recurrence over (N, T, D) inputs already checked by `flatten_hgrn_inputs`.
+@_scan_op.register_fake
+def _scan_shape(i: torch.Tensor, f: torch.Tensor, h0: Optional[torch.Tensor]) -> torch.Tensor:  # noqa: UP045
+    return torch.empty_like(i)
 
-    torch.compile leaves it alone: dynamo cannot trace into a ctypes call.
-    """
+
+@torch.library.custom_op("simplified_slm::hgrn_scan_backward", mutates_args=())
+def _scan_backward_op(
+    do: torch.Tensor, f: torch.Tensor, o: torch.Tensor, h0: Optional[torch.Tensor]  # noqa: UP045
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reversed scan: (di, df, dh0); dh0 is empty when there is no initial state."""
+    n, length, dim = f.shape
+    di, df = torch.empty_like(f), torch.empty_like(f)
+    dh0 = torch.empty_like(h0) if h0 is not None else f.new_empty(0)
+    kernel = getattr(_library(), f"hgrn_backward_{_SUFFIX[f.dtype]}")
+    kernel(
+        _ptr(do), _ptr(f), _ptr(o), _ptr(h0), _ptr(di), _ptr(df), _ptr(dh0 if h0 is not None else None),
+        n, length, dim, torch.get_num_threads(),
+    )  # fmt: skip
+    return di, df, dh0
+
+
+@_scan_backward_op.register_fake
+def _scan_backward_shape(
+    do: torch.Tensor, f: torch.Tensor, o: torch.Tensor, h0: Optional[torch.Tensor]  # noqa: UP045
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.empty_like(f), torch.empty_like(f), torch.empty_like(h0) if h0 is not None else f.new_empty(0)
+
+
+def _save_for_backward(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    _, f, h0 = inputs
+    ctx.save_for_backward(f, output, h0)
+
+
+def _backward(ctx: Any, do: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    f, o, h0 = ctx.saved_tensors
+    di, df, dh0 = _scan_backward_op(do.contiguous(), f, o, h0)
+    return di, df, dh0 if h0 is not None else None
+
+
+_scan_op.register_autograd(_backward, setup_context=_save_for_backward)
+
+
+def native_scan(i: torch.Tensor, f: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
+    """The recurrence over (N, T, D) inputs already checked by `flatten_hgrn_inputs`."""
     dtype = torch.float32 if i.dtype in _UPCAST else i.dtype
     h0 = None if h0 is None else h0.to(dtype).contiguous()
-    o = _NativeHGRN.apply(i.to(dtype).contiguous(), f.to(dtype).contiguous(), h0)
+    o = _scan_op(i.to(dtype).contiguous(), f.to(dtype).contiguous(), h0)
     return o.to(i.dtype)
