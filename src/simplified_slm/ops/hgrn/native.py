@@ -51,6 +51,20 @@ _SOURCE = r"""
 
 #define MAX_BLOCK 4096  /* = MAX_BLOCK below */
 
+/* A job is one sequence's channels [d0, d0 + w), at most MAX_BLOCK of them. */
+static int64_t block_of(int64_t dim) { return dim < MAX_BLOCK ? dim : MAX_BLOCK; }
+
+static int64_t jobs_of(int64_t n, int64_t dim) {
+    return n * ((dim + block_of(dim) - 1) / block_of(dim));
+}
+
+static void job_span(int64_t job, int64_t dim, int64_t *b, int64_t *d0, int64_t *w) {
+    int64_t block = block_of(dim), blocks = (dim + block - 1) / block;
+    *b = job / blocks;
+    *d0 = (job % blocks) * block;
+    *w = dim - *d0 < block ? dim - *d0 : block;
+}
+
 /* Threads worth waking: no more than there are jobs, and none for small work (a decode
    step): waking a team costs more than the step, and a lot more when a core is busy. */
 static int team(int64_t jobs, int64_t elements, int threads) {
@@ -62,13 +76,11 @@ static int team(int64_t jobs, int64_t elements, int threads) {
 void hgrn_forward_##SUFFIX(const T *restrict x, const T *restrict a,                   \
                            const T *restrict h0, T *restrict out, int64_t n,           \
                            int64_t len, int64_t dim, int threads) {                    \
-    int64_t block = dim < MAX_BLOCK ? dim : MAX_BLOCK;                                \
-    int64_t blocks = (dim + block - 1) / block;                                       \
-    int use = team(n * blocks, n * len * dim, threads);                               \
-    _Pragma("omp parallel for num_threads(use) if(use > 1) schedule(static)")         \
-    for (int64_t job = 0; job < n * blocks; ++job) {                                  \
-        int64_t b = job / blocks, d0 = (job % blocks) * block;                        \
-        int64_t w = dim - d0 < block ? dim - d0 : block;                              \
+    int64_t jobs = jobs_of(n, dim), b, d0, w;                                         \
+    int use = team(jobs, n * len * dim, threads);                                     \
+    _Pragma("omp parallel for num_threads(use) if(use > 1) private(b, d0, w)")        \
+    for (int64_t job = 0; job < jobs; ++job) {                                        \
+        job_span(job, dim, &b, &d0, &w);                                              \
         T h[MAX_BLOCK];                                                               \
         for (int64_t k = 0; k < w; ++k) h[k] = h0 ? h0[b * dim + d0 + k] : (T)0;      \
         for (int64_t t = 0; t < len; ++t) {                                           \
@@ -87,13 +99,11 @@ void hgrn_backward_##SUFFIX(const T *restrict dout, const T *restrict a,        
                             const T *restrict out, const T *restrict h0,              \
                             T *restrict dx, T *restrict da, T *restrict dh0,          \
                             int64_t n, int64_t len, int64_t dim, int threads) {       \
-    int64_t block = dim < MAX_BLOCK ? dim : MAX_BLOCK;                                \
-    int64_t blocks = (dim + block - 1) / block;                                       \
-    int use = team(n * blocks, n * len * dim, threads);                               \
-    _Pragma("omp parallel for num_threads(use) if(use > 1) schedule(static)")         \
-    for (int64_t job = 0; job < n * blocks; ++job) {                                  \
-        int64_t b = job / blocks, d0 = (job % blocks) * block;                        \
-        int64_t w = dim - d0 < block ? dim - d0 : block;                              \
+    int64_t jobs = jobs_of(n, dim), b, d0, w;                                         \
+    int use = team(jobs, n * len * dim, threads);                                     \
+    _Pragma("omp parallel for num_threads(use) if(use > 1) private(b, d0, w)")        \
+    for (int64_t job = 0; job < jobs; ++job) {                                        \
+        job_span(job, dim, &b, &d0, &w);                                              \
         T q[MAX_BLOCK];                                                               \
         for (int64_t k = 0; k < w; ++k) q[k] = (T)0;                                  \
         /* Channels run backwards too, so every stream walks memory downwards:        \
