@@ -23,6 +23,15 @@ def model(request):
     return FAMILIES[request.param]()
 
 
+def test_causality(model):
+    ids = torch.randint(0, 256, (1, 40))
+    changed = ids.clone()
+    changed[0, 25] = (ids[0, 25] + 7) % 256
+    a, b = model(ids).logits, model(changed).logits
+    assert torch.equal(a[0, :25], b[0, :25])
+    assert not torch.allclose(a[0, 25:], b[0, 25:])
+
+
 def test_left_padding_matches_single_prompt(model):
     a, b = torch.randint(0, 256, (1, 8)), torch.randint(0, 256, (1, 5))
     batch = torch.cat([a, torch.cat([torch.zeros(1, 3, dtype=torch.long), b], 1)])
