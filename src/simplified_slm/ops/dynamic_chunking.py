@@ -12,6 +12,8 @@ Modeling", section 2.2:
   initialisation (p_t = dissimilarity of consecutive encoder outputs) is not representable
   by BitLinear's input RMSNorm + absmean scale. It is 2 d^2 weights per stage, a small
   fraction of the model; the cosine is computed in (at least) float32, outside autocast.
+  Optionally (`bias_init`, the hnet_bit presets) a learned vector is added to the
+  router's input, so that training starts with few boundaries (`RoutingModule`).
 - downsample: the boundary positions of every row, gathered into a padded tensor.
 - dechunk: EMA over chunks z̄_k = P_k ẑ_k + (1 - P_k) z̄_{k-1}, P clamped to
   [1e-4, 1 - 1e-4], run with the project's HGRN scan (f = 1 - P, i = P ẑ), then upsampled
@@ -61,18 +63,29 @@ class Chunks(NamedTuple):
 
 
 class RoutingModule(nn.Module):
-    """Cosine-similarity boundary predictor with identity-initialised float q/k projections."""
+    """Cosine-similarity boundary predictor with identity-initialised float q/k projections.
 
-    def __init__(self, dim: int) -> None:
+    `bias_init` (β, default 0: no bias) adds a learned vector b, initialised to β in every
+    entry, to the input of both projections: q = W_q (x + b), k = W_k (x + b). For
+    RMS-normalised x and β = 1, the common component makes consecutive positions start
+    at cos ≈ 1/2, p ≈ 1/4, i.e. with few boundaries, so the ratio loss first *raises* p;
+    see `HNetBitConfig.router_bias_init` for why that matters.
+    """
+
+    def __init__(self, dim: int, bias_init: float = 0.0) -> None:
         super().__init__()
+        self.bias_init = float(bias_init)
         self.q_proj = nn.Linear(dim, dim, bias=False)
         self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.bias = nn.Parameter(torch.empty(dim)) if bias_init else None
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         nn.init.eye_(self.q_proj.weight)
         nn.init.eye_(self.k_proj.weight)
+        if self.bias is not None:
+            self.bias.fill_(self.bias_init)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 prev_key: torch.Tensor | None = None) -> Routing:
@@ -85,6 +98,8 @@ class RoutingModule(nn.Module):
         dtype = torch.promote_types(x.dtype, torch.float32)  # at least float32 under autocast
         with torch.autocast(x.device.type, enabled=False):
             xf = x.to(dtype)
+            if self.bias is not None:
+                xf = xf + self.bias.to(dtype)
             q = F.normalize(F.linear(xf, self.q_proj.weight.to(dtype)), dim=-1, eps=1e-6)
             k = F.normalize(F.linear(xf, self.k_proj.weight.to(dtype)), dim=-1, eps=1e-6)
         if prev_key is None:
