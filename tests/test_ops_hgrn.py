@@ -269,10 +269,11 @@ def test_chunk_matches_naive_any_shape(batch, length, dim, with_state, seed):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("fn", [naive_recurrent_hgrn, chunk_hgrn, fused_recurrent_hgrn])
+@pytest.mark.parametrize("fn", [naive_recurrent_hgrn, chunk_hgrn, fused_recurrent_hgrn, hgrn])
 @pytest.mark.parametrize(
     ("i_shape", "f_shape", "h0_shape", "match"),
     [
+        ((8,), (8,), None, "batch, time, dim"),
         ((4, 8), (4, 8), None, "batch, time, dim"),
         ((2, 4, 8), (2, 4, 7), None, "forget gate"),
         ((2, 4, 8), (2, 4, 8), (2, 4, 8), "initial_state"),

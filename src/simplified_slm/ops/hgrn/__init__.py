@@ -29,7 +29,7 @@ def hgrn(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The recurrence in its fastest form here: the C kernel when it serves these inputs,
     else the chunk form for sequences and in-place stepping for single decode steps."""
-    if native_available(i) or i.shape[-2] == 1:
+    if native_available(i) or i.shape[-2:-1] == (1,):  # [-2:-1]: bad shapes reach the form's check
         return fused_recurrent_hgrn(i, f, initial_state, output_final_state)
     return chunk_hgrn(i, f, initial_state, output_final_state)
 
