@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -11,6 +13,19 @@ from simplified_slm.errors import SLMError
 from simplified_slm.ops.hgrn import chunk_hgrn, fused_recurrent_hgrn, hgrn, naive_recurrent_hgrn
 from simplified_slm.ops.hgrn import native
 from simplified_slm.ops.hgrn.chunk import _chunk_size
+
+@pytest.fixture(autouse=True)
+def _kernel_enabled(monkeypatch):
+    """These tests are about the kernel too: a developer's SLM_HGRN_NATIVE=0 (which models
+    honour) must not quietly turn them into tests of the fallback."""
+    if os.environ.get("SLM_HGRN_NATIVE") != "0":
+        yield
+        return
+    monkeypatch.delenv("SLM_HGRN_NATIVE")
+    native._library.cache_clear()
+    yield
+    native._library.cache_clear()
+
 
 # 1 (single token), 2, odd lengths, and lengths with whole chunks plus a ragged tail.
 LENGTHS = [1, 2, 7, 33, 100, 257]
