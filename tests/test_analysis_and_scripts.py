@@ -144,8 +144,11 @@ def test_analyze_training_writes_plots_and_comparison(trained, tmp_path, capsys)
         rows += [(step, "train/loss", 4 - step / 20, t), (step, "train/tokens", step * 256, t),
                  (step, "train/lr", 1e-3, t), (step, "train/grad_norm", 1.0 / step, t),
                  (step, "val/loss", 4.1 - step / 20, t), (step, "val/bpb", 6 - step / 15, t),
+                 (step, "train/tokens_per_s", 100.0 * step, t),
                  (step, "hnet/stage0/bytes_per_chunk", 2 + step / 30, t),
-                 (step, "hnet/stage1/bytes_per_chunk", 4 + step / 15, t)]
+                 (step, "hnet/stage0/compression", 2 + step / 30, t),
+                 (step, "hnet/stage1/bytes_per_chunk", 4 + step / 15, t),
+                 (step, "hnet/stage1/compression", (4 + step / 15) / (2 + step / 30), t)]
         for layer, zero in (("layers.0.attn.i_proj", 0.3), ("lm_head", 0.4), ("all", 0.35)):
             rows += [(step, f"ternary/{layer}/neg", (1 - zero) / 2, t), (step, f"ternary/{layer}/zero", zero, t),
                      (step, f"ternary/{layer}/pos", (1 - zero) / 2, t), (step, f"ternary/{layer}/scale", 20.0, t)]
@@ -155,6 +158,8 @@ def test_analyze_training_writes_plots_and_comparison(trained, tmp_path, capsys)
         csv.writer(fh).writerows(rows)
     (other / "run.json").write_text(json.dumps({"family": "hgrn_bit", "num_parameters": 1234,
                                                 "config": {"run_name": "synthetic"}}))
+    (other / "data").mkdir()
+    (other / "data" / "meta.json").write_text(json.dumps({"splits": {"train": {"tokens": 500, "bytes": 1500}}}))
 
     out = tmp_path / "plots"
     assert run_script("analyze_training.py", "--run_dir", trained, "--compare", other, "--out", out) == 0
@@ -170,6 +175,10 @@ def test_analyze_training_writes_plots_and_comparison(trained, tmp_path, capsys)
     assert first["steps"] == 20 and first["tokens"] == 20 * 8 * 32 and first["params"] > 0
     assert first["best_val_loss"] <= first["final_val_loss"] and first["final_val_bpb"] > 0
     assert second["final_train_loss"] == 0.5 and second["steps"] == 30 and second["best_val_step"] == 30
+    # bytes/s: median tokens/s (2000) x 3 bytes per token; compression of each stage at the last log
+    assert second["train_bytes_per_s"] == 6000 and second["compression"] == "3.00 / 2.00"
+    assert first["train_bytes_per_s"] > 0 and first["compression"] is None  # a gpt run: no stages
+    assert "train bytes/s" in table and "6,000" in table and "3.00 / 2.00" in table
     assert str(out / "comparison.md") in capsys.readouterr().out
 
     # the synthetic run alone: ternary distribution and H-Net compression plots

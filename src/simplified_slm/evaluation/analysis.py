@@ -127,6 +127,12 @@ def summarize(run: RunData) -> dict[str, Any]:
     bpb = run.get("val/bpb")
     row["final_val_bpb"] = float(bpb[1][-1]) if bpb is not None else None
     row["best_val_bpb"] = float(bpb[1].min()) if bpb is not None else None
+    row["train_bytes_per_s"] = _train_bytes_per_s(run)
+    # H-Net: each stage's own ratio (its inputs per selected chunk), outermost first
+    stages = sorted((int(m.group(1)), name.replace("bytes_per_chunk", "compression"))
+                    for name in run.series if (m := _HNET.match(name)))
+    ratios = [last(name) for _, name in stages]
+    row["compression"] = " / ".join(f"{r:.2f}" for r in ratios if r is not None) or None
     # eval.json (slm run: the whole validation split) counts only if it evaluated this run's
     # last step; a run resumed and trained on afterwards has a stale one
     current = run.eval.get("train_steps") == row["steps"]
@@ -141,8 +147,18 @@ def summarize(run: RunData) -> dict[str, Any]:
     return row
 
 
+def _train_bytes_per_s(run: RunData) -> float | None:
+    """Median logged training tokens/s times the prepared training split's bytes per token."""
+    speed = run.get("train/tokens_per_s")
+    split = (_read_json(run.run_dir / "data" / "meta.json").get("splits") or {}).get("train") or {}
+    if speed is None or not split.get("tokens"):
+        return None
+    return float(np.median(speed[1])) * split["bytes"] / split["tokens"]
+
+
 _COLUMNS = [("run", "run", "{}"), ("family", "family", "{}"), ("params", "params", "{:,}"),
             ("steps", "steps", "{:,}"), ("tokens", "tokens", "{:,}"),
+            ("train_bytes_per_s", "train bytes/s", "{:,.0f}"), ("compression", "compression per stage", "{}"),
             ("final_val_loss", "final val loss", "{:.4f}"), ("best_val_loss", "best val loss", "{:.4f}"),
             ("final_val_bpb", "final val BPB", "{:.4f}"), ("best_val_bpb", "best val BPB", "{:.4f}"),
             ("eval_bpb", "eval BPB (full val)", "{:.4f}"), ("wall_s", "wall s", "{:,.1f}")]
@@ -158,7 +174,9 @@ def comparison_markdown(rows: Sequence[dict[str, Any]]) -> str:
     notes = ["", "Loss is nats per token (comparable only between runs with the same tokenizer); "
              "BPB is bits per UTF-8 byte (comparable across tokenizers). \"val\" columns come from the "
              "periodic evals in metrics.csv (train.eval_batches batches); \"eval BPB\" from eval.json "
-             "(the whole validation split, `slm run` only)."]
+             "(the whole validation split, `slm run` only). \"train bytes/s\": median logged tokens/s times the "
+             "training split's bytes per token; \"compression per stage\": each H-Net stage's inputs per "
+             "selected chunk at the last log, outermost first."]
     return "\n".join(lines + notes) + "\n"
 
 
