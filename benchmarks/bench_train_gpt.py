@@ -13,6 +13,11 @@ each, the order rotating every round) so that load from other processes hits all
                     AdamW's update), step, zero_grad): the default train.compile=false path
     ours-compile    the same with train.compile=true: model_loss compiles forward + loss as
                     one torch.compile graph (the token embedding stays eager, see gpt.py)
+    ours-bf16       ours-eager with train.precision=auto, which on a CPU with native bf16
+                    (AVX512-BF16 or AMX) is bf16 autocast: matmuls in bf16, weights, gradients
+                    and AdamW in float32; attention then trains through the eager kernel
+                    (SDPA's CPU bf16 backward is 2-3x slower at this length). Left out where
+                    auto means float32. ours-bf16-compile: the same with train.compile=true.
     nanogpt-eager   a faithful compact copy of karpathy/nanoGPT model.py (GPT, one c_attn,
                     SDPA is_causal, exact GELU, LayerNorm(bias=False), tied lm_head,
                     configure_optimizers: fused AdamW only on CUDA, so on CPU torch's default
@@ -22,12 +27,15 @@ each, the order rotating every round) so that load from other processes hits all
     nanogpt-compile the reference under torch.compile (optional, --ref-compile)
 
 With --ablate, earlier code paths and a prototype are timed too: the previous
-train.compile (model only, loss eager), the previous unfolded clip_grad_norm_, and fused q/k/v.
+train.compile (model only, loss eager), the previous unfolded clip_grad_norm_, fused q/k/v,
+and nanogpt-bf16 (nanoGPT under the bf16 autocast its train.py uses on GPUs; on CPU it
+never autocasts), which shows what bf16 alone does to nanoGPT's step here.
 
 The floor: the same step's matmuls (every linear's forward, input-gradient and
 weight-gradient GEMM, lm_head included) and its four SDPA forward+backward calls, timed
 alone on hot buffers. nanoGPT and we run exactly this arithmetic, so the best possible
-speed-up is (nanoGPT's ms/iter) / (floor + whatever else a step must do).
+speed-up is (nanoGPT's ms/iter) / (floor + whatever else a step must do). Where the bf16
+variants run, the same floor in bf16 is reported too.
 
 Compile warm-up (the first `--warmup` steps of every variant) is excluded from the timings
 and reported separately. Then, unless --no-trainer, the real Trainer loop runs
@@ -69,10 +77,12 @@ import torch.nn.functional as F
 
 import simplified_slm
 from simplified_slm.data import BatchSampler
+from simplified_slm.layers.attention import AttentionBias, attend
 from simplified_slm.models.gpt import GPTConfig
 from simplified_slm.models.registry import build_model
 from simplified_slm.training.config import TrainConfig
 from simplified_slm.training.optim import build_optimizer, clip_grad_norm, learning_rate, set_learning_rate
+from simplified_slm.training.precision import autocast_dtype
 from simplified_slm.training.trainer import model_loss
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "train_gpt.json"
@@ -240,14 +250,17 @@ def nanogpt_get_lr(it: int) -> float:
 class NanoGPTRunner:
     """nanoGPT train.py's loop body (device cpu, gradient_accumulation_steps 1)."""
 
-    def __init__(self, data_dir: Path, compile: bool = False) -> None:
+    def __init__(self, data_dir: Path, compile: bool = False, bf16: bool = False) -> None:
         torch.manual_seed(1337)
         self.data_dir = data_dir
         self.model = NanoGPT(NanoGPTConfig())
         self.optimizer = self.model.configure_optimizers(WEIGHT_DECAY, LR, BETAS, "cpu")
         # train.py: GradScaler(enabled=(dtype == 'float16')); without CUDA it disables itself
         self.scaler = torch.amp.GradScaler("cpu", enabled=False)
-        self.ctx = nullcontext()  # device_type == 'cpu'
+        # device_type == 'cpu': nullcontext. `bf16` (ablation, not what nanoGPT does on CPU) uses
+        # the autocast train.py sets up for GPUs, to show what bf16 alone does to its step here
+        self.amp = torch.bfloat16 if bf16 else None
+        self.ctx = torch.autocast("cpu", dtype=self.amp) if bf16 else nullcontext()
         self.fwd = torch.compile(self.model) if compile else self.model
         self.iter_num = 0
         self.X, self.Y = self.get_batch()
@@ -324,6 +337,10 @@ class OursRunner:
     functions: `model_loss` (forward + loss; one torch.compile graph with compile=True, as
     train.compile=true does) and `clip_grad_norm` (the clip folded into the fused AdamW).
 
+    `precision` is train.precision ("auto": bf16 autocast on a CPU with native bf16, see
+    training/precision.py, and then attention trains through the eager kernel, see
+    layers/attention.py `sdpa_is_slower`).
+
     Ablations: `legacy_compile` compiles the model alone with the loss eager (the Trainer's
     train.compile before 2026-11-25), `unfolded_clip` clips with torch's clip_grad_norm_
     (a separate pass rewriting the gradients; the Trainer before 2026-11-25), `patches`
@@ -332,10 +349,12 @@ class OursRunner:
 
     def __init__(self, tokens: np.ndarray, compile: bool = False, legacy_compile: bool = False,
                  unfolded_clip: bool = False, model_overrides: dict | None = None,
-                 patches: tuple[str, ...] = ()) -> None:
+                 patches: tuple[str, ...] = (), precision: str = "fp32") -> None:
         torch.manual_seed(1337)
         self.tcfg = TrainConfig(max_steps=MAX_ITERS, batch_size=BATCH, block_size=BLOCK, lr=LR, min_lr=MIN_LR,
-                                warmup_steps=WARMUP, betas=BETAS, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP)
+                                warmup_steps=WARMUP, betas=BETAS, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP,
+                                precision=precision)
+        self.amp = autocast_dtype(precision, torch.device("cpu"))
         self.model = build_model(GPTConfig.from_dict({**GPTConfig.presets["nanogpt-cpu"], "vocab_size": VOCAB,
                                                       **(model_overrides or {})}))
         apply_patches(self.model, patches)
@@ -355,7 +374,7 @@ class OursRunner:
         x, y = self.sampler.batch(self.step_num)
         x, y = x.to("cpu"), y.to("cpu")
         mark("batch")
-        with torch.autocast("cpu", dtype=None, enabled=False):
+        with torch.autocast("cpu", dtype=self.amp, enabled=self.amp is not None):
             loss, aux_loss = self.loss_fn(x, y)
         mark("forward+loss")
         loss.backward()
@@ -421,7 +440,7 @@ def run_interleaved(runners: dict, rounds: int, steps: int, warmup: int, say) ->
 
 
 def run_trainer_interleaved(tokens_dir: Path, ref: NanoGPTRunner, rounds: int, steps: int, compile: bool,
-                            say) -> dict:
+                            precision: str, say) -> dict:
     """Real Trainer.run() blocks vs reference blocks; both as 10-step window means."""
     from simplified_slm.training.config import ExperimentConfig
     from simplified_slm.training.trainer import Trainer
@@ -438,7 +457,8 @@ def run_trainer_interleaved(tokens_dir: Path, ref: NanoGPTRunner, rounds: int, s
                           "warmup_steps": WARMUP, "betas": list(BETAS), "weight_decay": WEIGHT_DECAY,
                           "grad_clip": GRAD_CLIP, "eval_every": 10**6, "eval_batches": 1, "sample_every": 10**6,
                           "sample_tokens": 1, "checkpoint_every": 10**6, "log_every": 10, "loggers": [],
-                          "progress": False, "device": "cpu", "compile": compile},
+                          "progress": False, "device": "cpu", "compile": compile,
+                          "precision": precision},
             })
             t0 = time.perf_counter()
             Trainer(cfg, say=lambda s: None).run()
@@ -455,12 +475,12 @@ def run_trainer_interleaved(tokens_dir: Path, ref: NanoGPTRunner, rounds: int, s
     def stats(w):
         med = statistics.median(w)
         return {"ms_per_iter_median": med, "tokens_per_s": TOKENS_PER_STEP / (med / 1e3), "windows": len(w)}
-    return {"trainer": {**stats(trainer_windows), "compile": compile, "run_wall_s": wall,
+    return {"trainer": {**stats(trainer_windows), "compile": compile, "precision": precision, "run_wall_s": wall,
                         "note": "Trainer.run() itself; its train/tokens_per_s per 10-step window, first window dropped"},
             "nanogpt-eager": stats(ref_windows), "steps_per_run": steps, "rounds": rounds}
 
 
-def matmul_attention_floor(reps: int, say) -> dict:
+def matmul_attention_floor(reps: int, say, bf16: bool = False) -> dict:
     """ms of one step's GEMMs and SDPA calls alone (medians over `reps` repetitions each).
 
     Per layer: q, k, v, o (128 -> 128), up (128 -> 512), down (512 -> 128), each as forward,
@@ -468,17 +488,22 @@ def matmul_attention_floor(reps: int, say) -> dict:
     (B 12, 4 heads, T 64, head 32, causal) per layer. The exact GELU's forward+backward
     (ATen, the faster of eager and inductor here) is reported beside it: nanoGPT computes
     it too, though it is not a matmul.
+
+    `bf16`: the same arithmetic in bfloat16, as bf16 autocast runs it (the attention through
+    `attend`, i.e. the eager kernel where SDPA is slower): the floor of the bf16 variants.
     """
+    dt = torch.bfloat16 if bf16 else torch.float32
     n, c = TOKENS_PER_STEP, N_EMBD
     linears = [(c, c)] * 4 + [(c, 4 * c), (4 * c, c)]
     gemms = []
     for k_in, k_out in linears * N_LAYER + [(c, VOCAB)]:
-        x, w, dy = torch.randn(n, k_in), torch.randn(k_out, k_in), torch.randn(n, k_out)
+        x, w, dy = (torch.randn(shape, dtype=dt) for shape in ((n, k_in), (k_out, k_in), (n, k_out)))
         gemms += [lambda x=x, w=w: F.linear(x, w), lambda dy=dy, w=w: dy @ w, lambda dy=dy, x=x: dy.t() @ x]
-    q, k, v = (torch.randn(BATCH, N_HEAD, BLOCK, c // N_HEAD, requires_grad=True) for _ in range(3))
-    dout = torch.randn(BATCH, N_HEAD, BLOCK, c // N_HEAD)
-    h = torch.randn(n, 4 * c, requires_grad=True)
-    dh = torch.randn(n, 4 * c)
+    q, k, v = (torch.randn(BATCH, N_HEAD, BLOCK, c // N_HEAD, dtype=dt, requires_grad=True) for _ in range(3))
+    dout = torch.randn(BATCH, N_HEAD, BLOCK, c // N_HEAD, dtype=dt)
+    h = torch.randn(n, 4 * c, dtype=dt, requires_grad=True)
+    dh = torch.randn(n, 4 * c, dtype=dt)
+    causal = AttentionBias(None, True)
 
     def all_gemms():
         for g in gemms:
@@ -486,14 +511,14 @@ def matmul_attention_floor(reps: int, say) -> dict:
 
     def attention():
         for _ in range(N_LAYER):
-            F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(dout)
+            attend(q, k, v, causal).backward(dout)
 
     def gelu():
         for _ in range(N_LAYER):
             F.gelu(h).backward(dh)
 
     out = {}
-    for name, fn in (("gemm", all_gemms), ("sdpa", attention), ("gelu", gelu)):
+    for name, fn in (("gemm", all_gemms), ("attention", attention), ("gelu", gelu)):
         for _ in range(3):
             fn()
         times = []
@@ -505,9 +530,10 @@ def matmul_attention_floor(reps: int, say) -> dict:
     flops = sum(2 * n * a * b for a, b in linears * N_LAYER + [(c, VOCAB)]) * 3
     out["gemm_gflop"] = flops / 1e9
     out["gemm_gflops_per_s"] = flops / (out["gemm_ms"] / 1e3) / 1e9
-    out["floor_ms"] = out["gemm_ms"] + out["sdpa_ms"]
-    say(f"floor: {len(gemms)} GEMMs ({out['gemm_gflop']:.2f} GFLOP) {out['gemm_ms']:.1f} ms "
-        f"({out['gemm_gflops_per_s']:.0f} GFLOP/s), SDPA fwd+bwd x{N_LAYER} {out['sdpa_ms']:.1f} ms: "
+    out["floor_ms"] = out["gemm_ms"] + out["attention_ms"]
+    say(f"floor ({str(dt).removeprefix('torch.')}): {len(gemms)} GEMMs ({out['gemm_gflop']:.2f} GFLOP) "
+        f"{out['gemm_ms']:.1f} ms ({out['gemm_gflops_per_s']:.0f} GFLOP/s), attention fwd+bwd x{N_LAYER} "
+        f"{out['attention_ms']:.1f} ms: "
         f"{out['floor_ms']:.1f} ms; exact GELU fwd+bwd x{N_LAYER} {out['gelu_ms']:.1f} ms")
     return out
 
@@ -567,15 +593,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25, help="timed steps per variant per round")
     parser.add_argument("--warmup", type=int, default=10, help="untimed first steps (compilation included)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--no-compile", action="store_true", help="skip ours-compile")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled variants of ours")
+    parser.add_argument("--no-bf16", action="store_true",
+                        help="skip ours-bf16 / ours-bf16-compile (train.precision=auto; skipped anyway where "
+                             "auto means float32, i.e. a CPU without AVX512-BF16 or AMX)")
     parser.add_argument("--ref-compile", action="store_true", help="also time nanoGPT under torch.compile")
     parser.add_argument("--no-trainer", action="store_true", help="skip the real Trainer.run() comparison")
     parser.add_argument("--trainer-rounds", type=int, default=3)
     parser.add_argument("--trainer-steps", type=int, default=150)
     parser.add_argument("--trainer-eager", action="store_true",
                         help="Trainer.run() with train.compile=false (default: true, the faster path)")
+    parser.add_argument("--trainer-precision", default="auto", choices=("fp32", "bf16", "auto"),
+                        help="Trainer.run()'s train.precision (default auto, as the shipped recipe config)")
     parser.add_argument("--ablate", action="store_true",
-                        help="also time the earlier compile and clip code paths and a fused-qkv prototype")
+                        help="also time the earlier compile and clip code paths, a fused-qkv prototype and nanoGPT under "
+             "bf16 autocast")
     parser.add_argument("--no-floor", action="store_true", help="skip the matmul + attention floor")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-phase breakdown")
     parser.add_argument("--profile", action="store_true",
@@ -595,12 +627,21 @@ def main() -> None:
         runners = {"ours-eager": OursRunner(tokens)}
         if not args.no_compile:
             runners["ours-compile"] = OursRunner(tokens, compile=True)
+        native_bf16 = autocast_dtype("auto", torch.device("cpu")) is not None
+        if not args.no_bf16 and native_bf16:
+            runners["ours-bf16"] = OursRunner(tokens, precision="auto")
+            if not args.no_compile:
+                runners["ours-bf16-compile"] = OursRunner(tokens, compile=True, precision="auto")
+        elif not args.no_bf16:
+            say("train.precision=auto is float32 on this CPU (no AVX512-BF16 / AMX): bf16 variants skipped")
         if args.ablate:
             runners["ours-eager-unfolded-clip"] = OursRunner(tokens, unfolded_clip=True)
             runners["ours-compile-model-only"] = OursRunner(tokens, legacy_compile=True, unfolded_clip=True)
             if not args.no_compile:
                 runners["ours-compile-fused-qkv"] = OursRunner(tokens, compile=True, patches=("fused-qkv",))
         runners["nanogpt-eager"] = NanoGPTRunner(data_dir)
+        if args.ablate and native_bf16:
+            runners["nanogpt-bf16"] = NanoGPTRunner(data_dir, bf16=True)
         if args.ref_compile:
             runners["nanogpt-compile"] = NanoGPTRunner(data_dir, compile=True)
         params = {n: sum(p.numel() for p in {id(p): p for p in r.model.parameters()}.values())
@@ -610,14 +651,20 @@ def main() -> None:
             f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs ({cpu_model()})")
         say("parameters: " + ", ".join(f"{n} {p:,}" for n, p in params.items()))
         results = run_interleaved(runners, args.rounds, args.steps, args.warmup, say)
+        for name, r in results.items():
+            r["compute_dtype"] = str(runners[name].amp or torch.float32).removeprefix("torch.")
         trainer = None
         if not args.no_trainer:
             trainer = run_trainer_interleaved(data_dir, runners["nanogpt-eager"], args.trainer_rounds,
-                                              args.trainer_steps, not args.trainer_eager, say)
+                                              args.trainer_steps, not args.trainer_eager,
+                                              args.trainer_precision, say)
         floor = None if args.no_floor else matmul_attention_floor(20 if args.quick else 60, say)
+        floor_bf16 = (matmul_attention_floor(20 if args.quick else 60, say, bf16=True)
+                      if not args.no_floor and "ours-bf16" in runners else None)
         breakdown = None
         if not args.no_breakdown:
-            breakdown = phase_breakdown({n: runners[n] for n in ("ours-eager", "ours-compile", "nanogpt-eager")
+            breakdown = phase_breakdown({n: runners[n] for n in ("ours-eager", "ours-compile", "ours-bf16",
+                                                                 "ours-bf16-compile", "nanogpt-eager")
                                          if n in runners},
                                         max(2, args.rounds // 2), args.steps, say)
         prof = None
@@ -642,12 +689,13 @@ def main() -> None:
         t, rr = trainer["trainer"], trainer["nanogpt-eager"]
         say(f"{'Trainer.run()':<25} {t['ms_per_iter_median']:>11.1f} {'':>7} {'':>7} {t['tokens_per_s']:>9,.0f} "
             f"{rr['ms_per_iter_median'] / t['ms_per_iter_median']:>9.2f}x {'':>7}   (10-step windows; nanoGPT in the same "
-            f"windows {rr['ms_per_iter_median']:.1f} ms/iter{', compiled' if t['compile'] else ', eager'})")
+            f"windows {rr['ms_per_iter_median']:.1f} ms/iter; Trainer {'compiled' if t['compile'] else 'eager'}, "
+            f"precision {t['precision']})")
         trainer["speedup_vs_nanogpt_eager"] = rr["ms_per_iter_median"] / t["ms_per_iter_median"]
     say(f"{'ANCHORS.md nanoGPT':<25} {ANCHOR['ms_per_iter']:>11.1f} {'':>7} {'':>7} {ANCHOR['tokens_per_s']:>9,.0f} "
         f"{'':>10}   (nanoGPT itself on a quiet 2 vCPU AMD EPYC; context only, not this run; this CPU: "
         f"{cpu_model()})")
-    shipped = ("ours-eager", "ours-compile")  # --ablate variants are not the shipped code
+    shipped = ("ours-eager", "ours-compile", "ours-bf16", "ours-bf16-compile")  # --ablate ones are not
     best = max((n for n in results if n in shipped), key=lambda n: results[n]["speedup_vs_nanogpt_eager"])
     speedup = results[best]["speedup_vs_nanogpt_eager"]
     say(f"best ours: {best} at {speedup:.2f}x nanoGPT-eager measured here (goal >= {GOAL_SPEEDUP}x): "
@@ -658,10 +706,15 @@ def main() -> None:
         say(f"ceiling: nanoGPT {ref_ms:.1f} ms / floor {floor['floor_ms']:.1f} ms (matmuls + attention alone) = "
             f"{floor['max_speedup_at_floor']:.2f}x; with the exact GELU {floor['max_speedup_at_floor_plus_gelu']:.2f}x "
             f"(everything else at zero cost)")
+    if floor_bf16:
+        floor_bf16["max_speedup_at_floor"] = ref_ms / floor_bf16["floor_ms"]
+        say(f"bf16 ceiling: nanoGPT {ref_ms:.1f} ms / bf16 floor {floor_bf16['floor_ms']:.1f} ms = "
+            f"{floor_bf16['max_speedup_at_floor']:.2f}x")
 
     out = {
         "config": {"vocab": VOCAB, "n_layer": N_LAYER, "n_head": N_HEAD, "n_embd": N_EMBD, "block_size": BLOCK,
-                   "batch_size": BATCH, "tokens_per_step": TOKENS_PER_STEP, "dtype": "float32",
+                   "batch_size": BATCH, "tokens_per_step": TOKENS_PER_STEP,
+                   "native_bf16": native_bf16,
                    "rounds": args.rounds, "steps_per_round": args.steps, "warmup_steps": args.warmup,
                    "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
                    "python": platform.python_version(), "cpu": cpu_model(),
@@ -675,6 +728,7 @@ def main() -> None:
         "best_speedup_vs_nanogpt_eager": speedup,
         "goal_met": speedup >= GOAL_SPEEDUP,
         "floor": floor,
+        "floor_bf16": floor_bf16,
         "phase_breakdown_ms": breakdown,
         "profile": prof,
     }

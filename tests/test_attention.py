@@ -98,6 +98,37 @@ def test_half_precision_eager_matches_sdpa():
     assert (eager.float() - sdpa.float()).abs().max() <= 2e-2
 
 
+def test_cpu_half_precision_training_takes_the_eager_kernel_where_sdpa_is_slower(monkeypatch):
+    # SDPA's CPU backward in bf16 is 2-3x slower than the written-out attention for short keys;
+    # "sdpa" then trains through the eager kernel, with the same values and gradients.
+    q, k, v = (t.bfloat16().requires_grad_() for t in qkv(q_len=12, k_len=12))
+    bias = attention_bias(12, 0, None, None, torch.device("cpu"))
+    g = torch.randn(2, 8, 12, 16).bfloat16()
+    torch.autograd.backward(attend(q, k, v, bias, implementation="sdpa"), g)
+    fast_grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.autograd.backward(sdpa, g)
+    for fast, slow in zip(fast_grads, (q.grad, k.grad, v.grad)):
+        assert (fast.float() - slow.float()).abs().max() <= 3e-2 * slow.float().abs().max()
+
+    calls = []
+    real_sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or real_sdpa(*a, **kw))
+    expected = attention.eager_attention(q, k, v, bias)
+    assert torch.equal(attend(q, k, v, bias, implementation="sdpa"), expected) and not calls
+    with torch.no_grad():  # evaluation and generation keep SDPA
+        attend(q, k, v, bias, implementation="sdpa")
+    assert len(calls) == 1
+    attend(q.float(), k.float(), v.float(), bias, implementation="sdpa")  # float32 keeps SDPA
+    assert len(calls) == 2
+    n = attention.EAGER_CPU_HALF_TRAINING_MAX_KEYS + 1  # long keys: SDPA is the faster one
+    q, k, v = (t.bfloat16().requires_grad_() for t in qkv(batch=1, heads=2, kv_heads=2, q_len=n, k_len=n))
+    attend(q, k, v, attention_bias(n, 0, None, None, torch.device("cpu")), implementation="sdpa")
+    assert len(calls) == 3
+
+
 def test_module_paths_agree_with_dropout_off_and_reject_bad_settings():
     torch.manual_seed(0)
     fast = CausalSelfAttention(32, 4, 2, implementation="sdpa").eval()

@@ -20,6 +20,7 @@ from simplified_slm import SLMError
 from simplified_slm.models import CausalLM
 from simplified_slm.training import ExperimentConfig, Trainer
 from simplified_slm.training import hooks as hooks_mod
+from simplified_slm.training import precision as precision_mod
 
 
 def train(tmp: Path, resume=None, until=None, hooks=(), model=None, **overrides):
@@ -33,20 +34,22 @@ def final_weights(run_dir: Path) -> dict:
     return load_file(str(run_dir / "checkpoints" / "latest" / "model.safetensors"))
 
 
-def test_loss_falls_well_below_unigram_level(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_loss_falls_well_below_unigram_level(tmp_path, precision):
     result = train(tmp_path, max_steps=200, eval_every=200, eval_batches=8, checkpoint_every=200,
-                   sample_every=200, batch_size=16, model={"d_model": 64, "dropout": 0.0})
+                   sample_every=200, batch_size=16, model={"d_model": 64, "dropout": 0.0}, precision=precision)
     # ln(67) = 4.2 nats at init; a unigram model of this text is 3.31 nats/char, a bigram one 2.45
     assert result.losses[0] > 4.0
     assert result.val_metrics["loss"] < 2.6
     assert result.val_metrics["bpb"] == pytest.approx(result.val_metrics["loss"] / 0.693147, rel=1e-3)
 
 
-def test_resume_is_bit_exact(tmp_path):
-    full = train(tmp_path / "full")
-    first = train(tmp_path / "split", until=20)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_is_bit_exact(tmp_path, precision):
+    full = train(tmp_path / "full", precision=precision)
+    first = train(tmp_path / "split", until=20, precision=precision)
     assert first.step == 20 and not first.interrupted
-    second = train(tmp_path / "split", resume="auto")
+    second = train(tmp_path / "split", resume="auto", precision=precision)
     assert second.step == 40
     assert first.losses + second.losses == full.losses  # bit for bit, dropout included
     a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "split")
@@ -128,6 +131,18 @@ def test_clip_falls_back_to_clip_grad_norm_for_other_optimizers():
     assert getattr(opt, "grad_scale", None) is None
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_the_cpu_multiplies_bf16_natively(tmp_path, monkeypatch, native):
+    monkeypatch.setattr(precision_mod, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert precision_mod.autocast_dtype("auto", cpu) == (torch.bfloat16 if native else None)
+    assert precision_mod.autocast_dtype("bf16", cpu) == torch.bfloat16
+    assert precision_mod.autocast_dtype("fp32", cpu) is None
+    train(tmp_path, max_steps=2, precision="auto")
+    info = json.loads((tmp_path / "run.json").read_text())
+    assert info["compute_dtype"] == ("bfloat16" if native else "float32")  # what "auto" resolved to
+
+
 def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
     train(tmp_path, max_steps=10)
     with pytest.raises(SLMError, match="--resume auto"):
@@ -140,6 +155,7 @@ def test_run_records(tmp_path):
     for key in ("run_id", "git_commit", "config_hash", "hook_list", "versions"):
         assert key in info
     assert info["hook_list"] == ["activation_stats"]
+    assert info["compute_dtype"] == "float32"  # train.precision fp32, the default
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     names = {r["name"] for r in rows}
     assert {"train/loss", "train/lr", "train/grad_norm", "val/bpb", "act/layer0/std"} <= names

@@ -37,12 +37,14 @@ def git_commit() -> str | None:
 
 
 def write_run_info(run_dir: Path, run_id: str, cfg: Any, hooks: list[str], model: torch.nn.Module,
-                   resumed_from: Path | None) -> None:
+                   resumed_from: Path | None, compute_dtype: torch.dtype = torch.float32) -> None:
+    """`compute_dtype` is what train.precision resolved to here ("auto" depends on the machine)."""
     info = {
         "run_id": run_id,
         "git_commit": git_commit(),
         "config_hash": cfg.hash(),
         "hook_list": hooks,
+        "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "family": model.config.family,
         "num_parameters": model.num_parameters(),
         "resumed_from": str(resumed_from) if resumed_from else None,

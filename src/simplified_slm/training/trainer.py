@@ -46,6 +46,7 @@ from simplified_slm.training.hooks import ActivationStats, build_hooks
 from simplified_slm.training.loggers import MultiLogger, build_loggers
 from simplified_slm.training.monitoring import firing_rates, grad_norms_by_group, ternary_stats
 from simplified_slm.training.optim import build_optimizer, clip_grad_norm, set_learning_rate
+from simplified_slm.training.precision import autocast_dtype
 from simplified_slm.training.run_info import RunLock, new_run_id, write_run_info
 
 
@@ -61,15 +62,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SLMError(f"device {name!r} was asked for but CUDA is not available; use --device cpu or auto")
     return device
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast when asked (or 'auto' on a GPU that supports it); None means fp32."""
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
 
 
 def training_texts(cfg: ExperimentConfig) -> Callable[[], Any]:
@@ -225,12 +217,13 @@ class Trainer:
             if state.get("config_hash") != cfg.hash():
                 self.say(f"note: resuming {start.name} with a changed config")
             self.say(f"resumed from {start} at step {step}")
+        amp = autocast_dtype(tcfg.precision, self.device)
         if self.dist.is_main:
-            write_run_info(self.run_dir, run_id, cfg, hook_names, model, resumed_from=start)
+            write_run_info(self.run_dir, run_id, cfg, hook_names, model, resumed_from=start,
+                           compute_dtype=amp or torch.float32)
             loggers = build_loggers(tcfg.loggers, self.run_dir, run_id, cfg.to_dict(), self.say)
         else:
             loggers = MultiLogger([])
-        amp = autocast_dtype(tcfg.precision, self.device)
         forward: torch.nn.Module = model
         if self.dist.enabled and not fsdp:
             forward = torch.nn.parallel.DistributedDataParallel(
