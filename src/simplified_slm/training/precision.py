@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX tiles: the CPU instructions oneDNN/MKL use for fast bf16 GEMMs."""
     cpu = torch.cpu
