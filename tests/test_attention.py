@@ -98,7 +98,7 @@ def test_half_precision_eager_matches_sdpa():
     assert (eager.float() - sdpa.float()).abs().max() <= 2e-2
 
 
-def test_cpu_half_precision_training_takes_the_eager_kernel_where_sdpa_is_slower(monkeypatch):
+def test_cpu_bf16_training_takes_the_eager_kernel_where_sdpa_is_slower(monkeypatch):
     # SDPA's CPU backward in bf16 is 2-3x slower than the written-out attention for short keys;
     # "sdpa" then trains through the eager kernel, with the same values and gradients.
     q, k, v = (t.bfloat16().requires_grad_() for t in qkv(q_len=12, k_len=12))
@@ -123,10 +123,12 @@ def test_cpu_half_precision_training_takes_the_eager_kernel_where_sdpa_is_slower
     assert len(calls) == 1
     attend(q.float(), k.float(), v.float(), bias, implementation="sdpa")  # float32 keeps SDPA
     assert len(calls) == 2
+    attend(q.half(), k.half(), v.half(), bias, implementation="sdpa")  # fp16 too (eager is slower there)
+    assert len(calls) == 3
     n = attention.EAGER_CPU_HALF_TRAINING_MAX_KEYS + 1  # long keys: SDPA is the faster one
     q, k, v = (t.bfloat16().requires_grad_() for t in qkv(batch=1, heads=2, kv_heads=2, q_len=n, k_len=n))
     attend(q, k, v, attention_bias(n, 0, None, None, torch.device("cpu")), implementation="sdpa")
-    assert len(calls) == 3
+    assert len(calls) == 4
 
 
 def test_module_paths_agree_with_dropout_off_and_reject_bad_settings():

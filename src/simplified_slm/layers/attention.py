@@ -32,7 +32,7 @@ AttnImplementation = Literal["sdpa", "eager"]
 ATTN_IMPLEMENTATIONS: tuple[str, ...] = get_args(AttnImplementation)
 # dtypes every SDPA backend accepts; anything else (fp8, integers) takes the eager path
 SDPA_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64})
-# longest key length at which "sdpa" trains half precision on CPU through the eager kernel
+# longest key length at which "sdpa" trains bf16 on CPU through the eager kernel
 EAGER_CPU_HALF_TRAINING_MAX_KEYS = 256
 
 
@@ -110,13 +110,14 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Att
 def sdpa_is_slower(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """True where PyTorch's SDPA is known to lose to the written-out attention.
 
-    On CPU, SDPA's backward in bf16/fp16 is 2-3x slower than the eager path's matmuls for
-    short keys (torch 2.13, 2-core AVX512-BF16 EPYC, fwd+bwd ms, SDPA vs eager: 5.5 vs 2.0
-    at T=64, 11.8 vs 4.4 at T=128, 22 vs 14 at T=256; SDPA wins from T=512 on), which made
-    bf16 training slower than float32 although its matmuls run twice as fast. Forward-only
-    calls (evaluation, generation) keep SDPA: there the two are even or SDPA is faster.
+    On CPU, SDPA's backward in bf16 is 2-3x slower than the eager path's matmuls for short
+    keys (torch 2.13, 2-core AVX512-BF16 EPYC, fwd+bwd ms, SDPA vs eager: 5.5 vs 2.0 at T=64,
+    11.8 vs 4.4 at T=128, 22 vs 14 at T=256; SDPA wins from T=512 on), which made bf16
+    training slower than float32 although its matmuls run twice as fast. Not fp16: there the
+    eager path's matmuls are emulated and 2-3x slower than SDPA. Forward-only calls
+    (evaluation, generation) keep SDPA: there the two are even or SDPA is faster.
     """
-    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+    return (q.device.type == "cpu" and q.dtype == torch.bfloat16
             and k.shape[2] <= EAGER_CPU_HALF_TRAINING_MAX_KEYS and torch.is_grad_enabled()
             and (q.requires_grad or k.requires_grad or v.requires_grad))
 
