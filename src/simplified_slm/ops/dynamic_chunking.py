@@ -12,7 +12,7 @@ Modeling", section 2.2:
   initialisation (p_t = dissimilarity of consecutive encoder outputs) is not representable
   by BitLinear's input RMSNorm + absmean scale. It is 2 d^2 weights per stage, a small
   fraction of the model; the cosine is computed in (at least) float32, outside autocast.
-  Optionally (`bias_init`, the hnet_bit presets) a learned vector is added to the
+  Optionally (`bias_init`, the hnet_bit 1stage preset) a learned vector is added to the
   router's input, so that training starts with few boundaries (`RoutingModule`).
 - downsample: the boundary positions of every row, gathered into a padded tensor.
 - dechunk: EMA over chunks z̄_k = P_k ẑ_k + (1 - P_k) z̄_{k-1}, P clamped to
