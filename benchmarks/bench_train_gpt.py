@@ -8,9 +8,9 @@ Variants, all built in this one process and timed interleaved (rounds of `--step
 each, the order rotating every round) so that load from other processes hits all alike:
 
     ours-eager      GPTForCausalLM + build_optimizer (fused AdamW) + BatchSampler, one step
-                    exactly as Trainer._run does it, through its functions (lr set, batch,
-                    model_loss, backward, loss.item(), clip_grad_norm (folded into the fused
-                    AdamW's update), step, zero_grad): the default train.compile=false path
+                    through the Trainer's own `train_step` (model_loss, backward, loss.item(),
+                    clip_grad_norm folded into the fused AdamW's update, step, zero_grad)
+                    after the schedule's lr is set: the default train.compile=false path
     ours-compile    the same with train.compile=true: model_loss compiles forward + loss as
                     one torch.compile graph (the token embedding stays eager, see gpt.py)
     ours-bf16       ours-eager with train.precision=auto, which on a CPU with native bf16
@@ -81,9 +81,9 @@ from simplified_slm.layers.attention import AttentionBias, attend
 from simplified_slm.models.gpt import GPTConfig
 from simplified_slm.models.registry import build_model
 from simplified_slm.training.config import TrainConfig
-from simplified_slm.training.optim import build_optimizer, clip_grad_norm, learning_rate, set_learning_rate
+from simplified_slm.training.optim import build_optimizer, learning_rate, set_learning_rate
 from simplified_slm.training.precision import autocast_dtype
-from simplified_slm.training.trainer import model_loss
+from simplified_slm.training.step import StepSetup, TrainState, model_loss, train_step
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "train_gpt.json"
 CORPUS = Path(simplified_slm.__file__).resolve().parent / "corpora" / "tinyshakespeare.txt.gz"
@@ -332,19 +332,17 @@ def apply_patches(model: nn.Module, patches: tuple[str, ...]) -> nn.Module:
 
 
 class OursRunner:
-    """The per-step body of simplified_slm.training.trainer.Trainer._run (fp32, no hooks,
-    grad_accum 1), on the model, optimizer and sampler the Trainer builds, through the same
-    functions: `model_loss` (forward + loss; one torch.compile graph with compile=True, as
-    train.compile=true does) and `clip_grad_norm` (the clip folded into the fused AdamW).
+    """One Trainer step per call: `training.step.train_step` on the model, optimizer and
+    sampler the Trainer builds (fp32 unless `precision`, no hooks, grad_accum 1), after the
+    Trainer's schedule sets the lr. `compile` is train.compile (forward + loss as one graph).
 
     `precision` is train.precision ("auto": bf16 autocast on a CPU with native bf16, see
     training/precision.py, and then attention trains through the eager kernel, see
     layers/attention.py `sdpa_is_slower`).
 
     Ablations: `legacy_compile` compiles the model alone with the loss eager (the Trainer's
-    train.compile before 2026-11-25), `unfolded_clip` clips with torch's clip_grad_norm_
-    (a separate pass rewriting the gradients; the Trainer before 2026-11-25), `patches`
-    see above.
+    earlier train.compile), `unfolded_clip` clips with torch's clip_grad_norm_ (a separate
+    pass rewriting the gradients, what FSDP runs), `patches` see above.
     """
 
     def __init__(self, tokens: np.ndarray, compile: bool = False, legacy_compile: bool = False,
@@ -354,41 +352,23 @@ class OursRunner:
         self.tcfg = TrainConfig(max_steps=MAX_ITERS, batch_size=BATCH, block_size=BLOCK, lr=LR, min_lr=MIN_LR,
                                 warmup_steps=WARMUP, betas=BETAS, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP,
                                 precision=precision)
-        self.amp = autocast_dtype(precision, torch.device("cpu"))
-        self.model = build_model(GPTConfig.from_dict({**GPTConfig.presets["nanogpt-cpu"], "vocab_size": VOCAB,
-                                                      **(model_overrides or {})}))
-        apply_patches(self.model, patches)
-        self.optimizer = build_optimizer(self.model, self.tcfg)
-        self.params = [p for p in self.model.parameters()]
+        model = build_model(GPTConfig.from_dict({**GPTConfig.presets["nanogpt-cpu"], "vocab_size": VOCAB,
+                                                 **(model_overrides or {})}))
+        apply_patches(model, patches)
+        self.state = TrainState(model, build_optimizer(model, self.tcfg), run_id="bench")
+        self.setup = StepSetup(loss_fn=model_loss(torch.compile(model) if legacy_compile else model, compile=compile),
+                               forward=model, params=list(model.parameters()), device=torch.device("cpu"),
+                               amp=autocast_dtype(precision, torch.device("cpu")), grad_clip=GRAD_CLIP,
+                               fold_clip=not unfolded_clip)
         self.sampler = BatchSampler(tokens, BLOCK, BATCH, 1337)
-        self.loss_fn = model_loss(torch.compile(self.model) if legacy_compile else self.model, compile=compile)
-        self.unfolded_clip = unfolded_clip
-        self.model.train()
-        self.step_num = 0
+        self.model = model
+        model.train()
 
     def step(self, mark=None) -> None:
-        mark = mark or _no_mark
-        tcfg = self.tcfg
-        set_learning_rate(self.optimizer, learning_rate(self.step_num, tcfg), tcfg)
+        mark, state = mark or _no_mark, self.state
+        set_learning_rate(state.optimizer, learning_rate(state.step, self.tcfg), self.tcfg)
         mark("start")
-        x, y = self.sampler.batch(self.step_num)
-        x, y = x.to("cpu"), y.to("cpu")
-        mark("batch")
-        with torch.autocast("cpu", dtype=self.amp, enabled=self.amp is not None):
-            loss, aux_loss = self.loss_fn(x, y)
-        mark("forward+loss")
-        loss.backward()
-        self.step_loss = loss.item()
-        mark("backward")
-        if self.unfolded_clip:
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, tcfg.grad_clip).item()
-        else:
-            self.grad_norm = clip_grad_norm(self.optimizer, self.params, tcfg.grad_clip)
-        mark("clip")
-        self.step_num += 1
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        mark("optimizer")
+        self.stats = train_step(state, [self.sampler.batch(state.step)], self.setup, mark=mark)
 
 
 # ---------------------------------------------------------------------------------------

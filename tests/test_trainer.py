@@ -71,7 +71,7 @@ def test_compiled_training_step_repeats_bit_for_bit():
     # embedding out of the graph while training. nanoGPT's width and batch show it.
     from simplified_slm.models.gpt import GPTConfig
     from simplified_slm.models.registry import build_model
-    from simplified_slm.training.trainer import model_loss
+    from simplified_slm.training.step import model_loss
 
     torch.manual_seed(0)
     model = build_model(GPTConfig.from_dict({**GPTConfig.presets["nanogpt-cpu"], "vocab_size": 65})).train()

@@ -21,13 +21,11 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from simplified_slm import metric_names as M
 from simplified_slm.errors import SLMError
 
 Series = tuple[np.ndarray, np.ndarray]  # (steps, values), sorted by step
 
-_TERNARY = re.compile(r"^ternary/(.+)/(neg|zero|pos|scale)$")
-_HNET = re.compile(r"^hnet/stage(\d+)/bytes_per_chunk$")
-_GROUP_NORM = re.compile(r"^grad_norm/(.+)$")
 _DPI = 120
 
 
@@ -85,7 +83,7 @@ class RunData:
 
     def tokens_at(self, steps: np.ndarray) -> np.ndarray:
         """Training tokens seen by `steps` (from the logged train/tokens; linear past the last log)."""
-        logged = self.get("train/tokens")
+        logged = self.get(M.TRAIN_TOKENS)
         if logged is None:
             raise SLMError(f"{self.run_dir}/metrics.csv has no train/tokens metric to plot against")
         xs = np.concatenate([[0], logged[0]]).astype(np.float64)
@@ -118,19 +116,19 @@ def summarize(run: RunData) -> dict[str, Any]:
                            "params": run.info.get("num_parameters") or run.eval.get("num_parameters")}
     steps = [int(s[0][-1]) for s in run.series.values() if len(s[0])]
     row["steps"] = max(steps) if steps else 0
-    row["tokens"] = int(last("train/tokens")) if last("train/tokens") is not None else None
-    row["final_train_loss"] = last("train/loss")
-    val = run.get("val/loss")
+    row["tokens"] = int(last(M.TRAIN_TOKENS)) if last(M.TRAIN_TOKENS) is not None else None
+    row["final_train_loss"] = last(M.TRAIN_LOSS)
+    val = run.get(M.VAL_LOSS)
     row["final_val_loss"] = float(val[1][-1]) if val is not None else None
     row["best_val_loss"] = float(val[1].min()) if val is not None else None
     row["best_val_step"] = int(val[0][val[1].argmin()]) if val is not None else None
-    bpb = run.get("val/bpb")
+    bpb = run.get(M.VAL_BPB)
     row["final_val_bpb"] = float(bpb[1][-1]) if bpb is not None else None
     row["best_val_bpb"] = float(bpb[1].min()) if bpb is not None else None
     row["train_bytes_per_s"] = _train_bytes_per_s(run)
     # H-Net: each stage's own ratio (its inputs per selected chunk), outermost first
     stages = sorted((int(m.group(1)), name.replace("bytes_per_chunk", "compression"))
-                    for name in run.series if (m := _HNET.match(name)))
+                    for name in run.series if (m := M.HNET_BYTES_PER_CHUNK_PATTERN.match(name)))
     ratios = [last(name) for _, name in stages]
     row["compression"] = " / ".join(f"{r:.2f}" for r in ratios if r is not None) or None
     # eval.json (slm run: the whole validation split) counts only if it evaluated this run's
@@ -149,7 +147,7 @@ def summarize(run: RunData) -> dict[str, Any]:
 
 def _train_bytes_per_s(run: RunData) -> float | None:
     """Median logged training tokens/s times the prepared training split's bytes per token."""
-    speed = run.get("train/tokens_per_s")
+    speed = run.get(M.TRAIN_TOKENS_PER_S)
     split = (_read_json(run.run_dir / "data" / "meta.json").get("splits") or {}).get("train") or {}
     if speed is None or not split.get("tokens"):
         return None
@@ -244,7 +242,7 @@ def _save(fig: Any, path: Path) -> Path:
 
 def _bytes_per_token(run: RunData) -> float | None:
     """UTF-8 bytes per token of the validation text (loss / (ln 2 * BPB) at each eval)."""
-    loss, bpb = run.get("val/loss"), run.get("val/bpb")
+    loss, bpb = run.get(M.VAL_LOSS), run.get(M.VAL_BPB)
     if loss is None or bpb is None:
         return None
     common, i, j = np.intersect1d(loss[0], bpb[0], return_indices=True)
@@ -255,7 +253,7 @@ def _bytes_per_token(run: RunData) -> float | None:
 def _curve_pair(run: RunData, out: Path, title: str, ylabel: str,
                 curves: list[tuple[str, Series, dict[str, Any]]]) -> Path:
     fig, (ax_step, ax_tok) = _figure(2)
-    has_tokens = run.get("train/tokens") is not None
+    has_tokens = run.get(M.TRAIN_TOKENS) is not None
     for label, (steps, values), style in curves:
         ax_step.plot(steps, values, label=label, **style)
         if has_tokens:
@@ -276,21 +274,21 @@ _VAL_STYLE = {"color": "tab:orange", "marker": "o", "markersize": 4, "linewidth"
 
 def plot_loss(run: RunData, out_dir: Path) -> Path | None:
     curves = []
-    if run.get("train/loss") is not None:
-        curves.append(("train", run.get("train/loss"), _TRAIN_STYLE))
-    if run.get("val/loss") is not None:
-        curves.append(("validation", run.get("val/loss"), _VAL_STYLE))
+    if run.get(M.TRAIN_LOSS) is not None:
+        curves.append(("train", run.get(M.TRAIN_LOSS), _TRAIN_STYLE))
+    if run.get(M.VAL_LOSS) is not None:
+        curves.append(("validation", run.get(M.VAL_LOSS), _VAL_STYLE))
     if not curves:
         return None
     return _curve_pair(run, out_dir / "loss.png", "Loss", "cross-entropy (nats/token)", curves)
 
 
 def plot_bpb(run: RunData, out_dir: Path) -> Path | None:
-    val = run.get("val/bpb")
+    val = run.get(M.VAL_BPB)
     if val is None:
         return None
     curves = []
-    bpt, train = _bytes_per_token(run), run.get("train/loss")
+    bpt, train = _bytes_per_token(run), run.get(M.TRAIN_LOSS)
     if bpt and train is not None:
         est = train[1] / (math.log(2) * bpt)
         curves.append(("train (estimated: train loss / val bytes per token)", (train[0], est),
@@ -300,7 +298,7 @@ def plot_bpb(run: RunData, out_dir: Path) -> Path | None:
 
 
 def plot_lr(run: RunData, out_dir: Path) -> Path | None:
-    lr = run.get("train/lr")
+    lr = run.get(M.TRAIN_LR)
     if lr is None:
         return None
     fig, (ax,) = _figure(1)
@@ -316,9 +314,9 @@ def plot_lr(run: RunData, out_dir: Path) -> Path | None:
 
 
 def plot_grad_norm(run: RunData, out_dir: Path) -> Path | None:
-    total = run.get("train/grad_norm")
+    total = run.get(M.TRAIN_GRAD_NORM)
     groups = {m.group(1): run.series[name] for name in sorted(run.series)
-              if (m := _GROUP_NORM.match(name)) and m.group(1) != "global"}
+              if (m := M.GRAD_NORM_PATTERN.match(name)) and m.group(1) != "global"}
     if total is None and not groups:
         return None
     fig, axes = _figure(2 if groups else 1)
@@ -366,7 +364,7 @@ def plot_ternary(run: RunData, out_dir: Path) -> Path | None:
     """Left: shares of -1/0/+1 codes over all BitLinear weights; right: zero share per layer."""
     modules: dict[str, dict[str, Series]] = {}
     for name, s in run.series.items():
-        m = _TERNARY.match(name)
+        m = M.TERNARY_PATTERN.match(name)
         if m:
             modules.setdefault(m.group(1), {})[m.group(2)] = s
     layers = sorted(k for k, v in modules.items() if k != "all" and "zero" in v)
@@ -412,7 +410,7 @@ def plot_ternary(run: RunData, out_dir: Path) -> Path | None:
 
 
 def plot_hnet(run: RunData, out_dir: Path) -> Path | None:
-    stages = sorted((int(m.group(1)), name) for name in run.series if (m := _HNET.match(name)))
+    stages = sorted((int(m.group(1)), name) for name in run.series if (m := M.HNET_BYTES_PER_CHUNK_PATTERN.match(name)))
     if not stages:
         return None
     fig, (ax,) = _figure(1)
@@ -429,7 +427,7 @@ def plot_hnet(run: RunData, out_dir: Path) -> Path | None:
 
 def plot_comparison(runs: Sequence[RunData], out_dir: Path) -> Path | None:
     """Validation BPB (loss when BPB is missing) of several runs vs step and vs tokens."""
-    metric = "val/bpb" if all(r.get("val/bpb") is not None for r in runs) else "val/loss"
+    metric = M.VAL_BPB if all(r.get(M.VAL_BPB) is not None for r in runs) else M.VAL_LOSS
     present = [r for r in runs if r.get(metric) is not None]
     if len(present) < 2:
         return None
@@ -438,9 +436,9 @@ def plot_comparison(runs: Sequence[RunData], out_dir: Path) -> Path | None:
         steps, values = run.get(metric)
         style = {"color": color, "marker": "o", "markersize": 3, "linewidth": 1.5, "label": run.name}
         ax_step.plot(steps, values, **style)
-        if run.get("train/tokens") is not None:
+        if run.get(M.TRAIN_TOKENS) is not None:
             ax_tok.plot(run.tokens_at(steps), values, **style)
-    ylabel = "validation bits per byte" if metric == "val/bpb" else "validation loss (nats/token)"
+    ylabel = "validation bits per byte" if metric == M.VAL_BPB else "validation loss (nats/token)"
     _steps_x(ax_step)
     ax_tok.set_xlabel("training tokens")
     for ax in (ax_step, ax_tok):

@@ -37,6 +37,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from simplified_slm import metric_names as M
 from simplified_slm.ops.hgrn import hgrn
 
 Surrogate = Literal["atan", "fast_sigmoid"]
@@ -180,6 +181,6 @@ def firing_rates(model: nn.Module) -> dict[str, float]:
         return {}
     rates = [torch.stack(v).mean() for v in groups.values()]
     values = torch.stack(rates + [torch.stack([r for v in groups.values() for r in v]).mean()]).tolist()
-    out = {f"snn/firing_rate/{key}": value for key, value in zip(groups, values)}
-    out["snn/firing_rate/all"] = values[-1]
+    out = {M.firing_rate(key): value for key, value in zip(groups, values)}
+    out[M.firing_rate("all")] = values[-1]
     return out

@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from simplified_slm import metric_names as M
 from simplified_slm.errors import SLMError
 from simplified_slm.layers.hgrn_bit import HGRNBitBlock
 from simplified_slm.models.base import CausalLM, CausalLMOutput, shifted_labels_loss
@@ -338,8 +339,8 @@ class HNetBitForCausalLM(CausalLM):
         num_bytes = float(self._compression[0][0])
         for s, (inputs, chunks) in enumerate(self._compression):
             chunks_f = max(float(chunks), 1.0)
-            out[f"hnet/stage{s}/bytes_per_chunk"] = num_bytes / chunks_f
-            out[f"hnet/stage{s}/compression"] = float(inputs) / chunks_f
+            out[M.hnet_bytes_per_chunk(s)] = num_bytes / chunks_f
+            out[M.hnet_compression(s)] = float(inputs) / chunks_f
         return out
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

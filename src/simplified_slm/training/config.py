@@ -16,10 +16,15 @@ import yaml
 
 from simplified_slm.configbase import ConfigBase, read_config_file
 from simplified_slm.data.prepare import DataConfig
+from simplified_slm.data.sampler import SAMPLER_MODES
 from simplified_slm.errors import SLMError
 from simplified_slm.models.config import ModelConfig
 from simplified_slm.models.registry import config_from_dict
 from simplified_slm.tokenizers import TokenizerConfig
+from simplified_slm.training.distributed import STRATEGIES
+from simplified_slm.training.loggers import LOGGERS
+from simplified_slm.training.optim import OPTIMIZERS, SCHEDULES
+from simplified_slm.training.precision import PRECISIONS
 
 
 @dataclasses.dataclass
@@ -145,17 +150,16 @@ class TrainConfig(ConfigBase):
         if not (self.muon_lr > 0 and 0 <= self.muon_momentum < 1 and self.muon_weight_decay >= 0):
             self._fail("muon_lr", f"need muon_lr > 0 ({self.muon_lr}), 0 <= muon_momentum < 1 "
                        f"({self.muon_momentum}) and muon_weight_decay >= 0 ({self.muon_weight_decay})")
-        choices = {"optimizer": ("adamw", "muon"),
-                   "lr_schedule": ("cosine", "linear", "constant", "cosine_restarts"),
-                   "sampler": ("random", "sequential"), "distributed": ("ddp", "fsdp"), "precision": ("fp32", "bf16", "auto")}
+        choices = {"optimizer": OPTIMIZERS, "lr_schedule": SCHEDULES, "sampler": SAMPLER_MODES,
+                   "distributed": STRATEGIES, "precision": PRECISIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 self._fail(name, f"{getattr(self, name)!r} is not one of {list(allowed)}")
         if not self.device == "auto" and not self.device.split(":")[0] in ("cpu", "cuda", "mps"):
             self._fail("device", f"{self.device!r} is not auto, cpu, cuda[:N] or mps")
         for logger in self.loggers:
-            if logger not in ("csv", "console", "tensorboard", "wandb"):
-                self._fail("loggers", f"unknown logger {logger!r}; use csv, console, tensorboard, wandb")
+            if logger not in LOGGERS:
+                self._fail("loggers", f"unknown logger {logger!r}; use {', '.join(LOGGERS)}")
         if not (math.isfinite(self.distillation_alpha) and 0 <= self.distillation_alpha <= 1):
             self._fail("distillation_alpha", f"must be in [0, 1], got {self.distillation_alpha}")
         if not (math.isfinite(self.distillation_temperature) and self.distillation_temperature > 0):

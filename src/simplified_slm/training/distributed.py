@@ -16,6 +16,8 @@ import torch.distributed as dist
 
 from simplified_slm.errors import SLMError
 
+STRATEGIES = ("ddp", "fsdp")  # train.distributed: see shard_model for fsdp
+
 
 @dataclass
 class Distributed:

@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 from simplified_slm.errors import SLMError
 
+LOGGERS = ("csv", "console", "tensorboard", "wandb")  # see build_loggers
+
 
 class Logger:
     def log(self, step: int, metrics: dict[str, float]) -> None:

@@ -16,6 +16,7 @@ import re
 import torch
 from torch import nn
 
+from simplified_slm import metric_names as M
 from simplified_slm.layers.lif import firing_rates
 from simplified_slm.ops.bitnet import BitLinear, ternary_codes
 
@@ -54,15 +55,16 @@ def ternary_stats(model: nn.Module) -> dict[str, float]:
         assert codes is not None and scale is not None
         counts = torch.stack([(codes == v).sum() for v in (-1, 0, 1)]).double().cpu()
         share = counts / max(1, codes.numel())
-        prefix = f"ternary/{name or 'root'}"
-        out[f"{prefix}/neg"], out[f"{prefix}/zero"], out[f"{prefix}/pos"] = (float(s) for s in share)
-        out[f"{prefix}/scale"] = float(scale)
+        path = name or "root"
+        out[M.ternary(path, "neg")], out[M.ternary(path, "zero")], out[M.ternary(path, "pos")] = (float(s) for s in share)
+        out[M.ternary(path, "scale")] = float(scale)
         totals += counts
         scales.append(float(scale))
     if scales:
         share = totals / totals.sum().clamp(min=1)
-        out["ternary/all/neg"], out["ternary/all/zero"], out["ternary/all/pos"] = (float(s) for s in share)
-        out["ternary/all/scale"] = sum(scales) / len(scales)
+        out[M.ternary("all", "neg")], out[M.ternary("all", "zero")], out[M.ternary("all", "pos")] = (
+            float(s) for s in share)
+        out[M.ternary("all", "scale")] = sum(scales) / len(scales)
     return out
 
 
@@ -112,6 +114,6 @@ def grad_norms_by_group(model: nn.Module) -> dict[str, float]:
         squares[group] = squares.get(group, 0.0) + value
     if not squares:
         return {}
-    out = {"grad_norm/global": math.sqrt(sum(squares.values()))}
-    out.update({f"grad_norm/{group}": math.sqrt(v) for group, v in squares.items()})
+    out = {M.grad_norm("global"): math.sqrt(sum(squares.values()))}
+    out.update({M.grad_norm(group): math.sqrt(v) for group, v in squares.items()})
     return out

@@ -16,12 +16,16 @@ see: embeddings, the LM head, norms' gains and biases. Every param group carries
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from simplified_slm.training.config import TrainConfig
+if TYPE_CHECKING:  # the config validates against OPTIMIZERS and SCHEDULES, so it imports this module
+    from simplified_slm.training.config import TrainConfig
+
+OPTIMIZERS = ("adamw", "muon")  # see build_optimizer
+SCHEDULES = ("cosine", "linear", "constant", "cosine_restarts")  # see learning_rate
 
 
 def _adamw(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+PRECISIONS = ("fp32", "bf16", "auto")  # see autocast_dtype
+
 
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX tiles: the CPU instructions oneDNN/MKL use for fast bf16 GEMMs."""

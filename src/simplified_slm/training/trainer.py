@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from simplified_slm.data import DataConfig, iter_eval_batches, prepare_dataset, read_documents
 from simplified_slm.errors import SLMError
 from simplified_slm.evaluation.metrics import evaluate_lm
-from simplified_slm.models.base import CausalLM, next_token_loss
+from simplified_slm.models.base import CausalLM
 from simplified_slm.models.checkpointing import checkpointed_blocks, enable_gradient_checkpointing
 from simplified_slm.models.registry import build_model
 from simplified_slm.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
@@ -44,10 +44,12 @@ from simplified_slm.training.distributed import (
 )
 from simplified_slm.training.hooks import ActivationStats, build_hooks
 from simplified_slm.training.loggers import MultiLogger, build_loggers
-from simplified_slm.training.monitoring import firing_rates, grad_norms_by_group, ternary_stats
-from simplified_slm.training.optim import build_optimizer, clip_grad_norm, set_learning_rate
+from simplified_slm import metric_names as M
+from simplified_slm.training.monitoring import firing_rates, ternary_stats
+from simplified_slm.training.optim import build_optimizer, set_learning_rate
 from simplified_slm.training.precision import autocast_dtype
 from simplified_slm.training.run_info import RunLock, new_run_id, write_run_info
+from simplified_slm.training.step import StepSetup, StepStats, TrainState, model_loss, train_step
 
 
 SIGNAL_STOPS = ("SIGINT", "SIGTERM")  # stop reasons set by the signal handler (no final eval)
@@ -71,19 +73,6 @@ def training_texts(cfg: ExperimentConfig) -> Callable[[], Any]:
     def texts() -> Any:
         return (doc.text for doc in read_documents(source))
     return texts
-
-
-def model_loss(forward: Callable[[torch.Tensor], Any], compile: bool = False) -> Callable[..., Any]:
-    """`(x, y) -> (next-token loss, the model's aux loss or None)`: one training forward.
-
-    With `compile` the model's forward and the loss become one torch.compile graph (and its
-    backward one more), so the cross-entropy fuses with the LM head instead of running as
-    separate eager ops.
-    """
-    def loss_of(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = forward(x)
-        return next_token_loss(out.logits, y), out.aux_loss
-    return torch.compile(loss_of) if compile else loss_of
 
 
 @dataclass
@@ -176,211 +165,230 @@ class Trainer:
                 self.dist.close()
 
     def _run(self) -> TrainResult:
+        return self.fit(self.setup())
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> TrainState:
+        """Tokenizer, data, model, optimizer and loggers; restores a checkpoint when resuming."""
         cfg, tcfg = self.cfg, self.cfg.train
         torch.manual_seed(cfg.seed)
-        tokenizer = self._tokenizer()
-        data = self._prepare(cfg.data, tokenizer, self.run_dir / "data")
-        token_bytes = tokenizer.token_byte_lengths()
+        self.tokenizer = tokenizer = self._tokenizer()
+        self.data = self._prepare(cfg.data, tokenizer, self.run_dir / "data")
+        self.token_bytes = tokenizer.token_byte_lengths()
         model = build_model(cfg.model_config(tokenizer.vocab_size)).to(self.device)
-        distiller = (Distiller.from_config(tcfg, tokenizer, self.device, autocast_dtype(tcfg.precision, self.device))
-                     if tcfg.use_distillation else None)
+        self.amp = autocast_dtype(tcfg.precision, self.device)
+        distiller = Distiller.from_config(tcfg, tokenizer, self.device, self.amp) if tcfg.use_distillation else None
 
         def phase_tokens(index: int, dataset: str) -> Any:
             data_cfg = dataclasses.replace(cfg.data, dataset=dataset, train_file=None, val_file=None)
             return self._prepare(data_cfg, tokenizer, self.run_dir / "data" / f"phase{index + 1}").train
 
-        phases = build_phases(cfg, data.train, phase_tokens, model.max_context, self.dist.world_size)
+        self.phases = build_phases(cfg, self.data.train, phase_tokens, model.max_context, self.dist.world_size)
         if tcfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
-        forward_hooks, update_hooks, hook_names = build_hooks(cfg.hooks)
-        for hook in forward_hooks:
+        self.forward_hooks, update_hooks, hook_names = build_hooks(cfg.hooks)
+        for hook in self.forward_hooks:
             hook.attach(model)
+        self.stats_hooks = [h for h in self.forward_hooks if isinstance(h, ActivationStats)]
 
-        ckpts = CheckpointManager(self.run_dir / "checkpoints", tcfg.keep_checkpoints, self.say)
-        start = self.dist.from_main(self._find_resume(ckpts) if self.dist.is_main else None)
-        step, best_val, run_id = 0, math.inf, new_run_id()
-        skipped_total = 0  # non-finite steps skipped over the whole run, resumes included
-        if start is not None:  # weights and RNG now, into the plain model; the optimizer below
-            state = load_training_files(start, model, None)
-            step, best_val, run_id = state["step"], state["best_val_loss"], state["run_id"]
-            skipped_total = int(state.get("skipped_nonfinite", 0))
-        fsdp = self.dist.enabled and tcfg.distributed == "fsdp"
+        self.ckpts = CheckpointManager(self.run_dir / "checkpoints", tcfg.keep_checkpoints, self.say)
+        start = self.dist.from_main(self._find_resume(self.ckpts) if self.dist.is_main else None)
+        resumed = load_training_files(start, model, None) if start is not None else {}  # optimizer below
+        self.fsdp = self.dist.enabled and tcfg.distributed == "fsdp"
         if self.dist.enabled:
             self.say(f"distributed: {self.dist.world_size} processes, {tcfg.distributed} over "
                      f"{torch.distributed.get_backend()}")
-        if fsdp:
+        if self.fsdp:
             shard_model(model, checkpointed_blocks(model))
         optimizer = build_optimizer(model, tcfg)
+        state = TrainState(model, optimizer, resumed.get("run_id", new_run_id()), step=resumed.get("step", 0),
+                           best_val=resumed.get("best_val_loss", math.inf),
+                           skipped_total=int(resumed.get("skipped_nonfinite", 0)))
         if start is not None:
-            load_optimizer_state(start, (lambda sd: load_full_optimizer_state(model, optimizer, sd)) if fsdp
+            load_optimizer_state(start, (lambda sd: load_full_optimizer_state(model, optimizer, sd)) if self.fsdp
                                  else optimizer.load_state_dict)
-            if state.get("config_hash") != cfg.hash():
+            if resumed.get("config_hash") != cfg.hash():
                 self.say(f"note: resuming {start.name} with a changed config")
-            self.say(f"resumed from {start} at step {step}")
-        amp = autocast_dtype(tcfg.precision, self.device)
+            self.say(f"resumed from {start} at step {state.step}")
+        self.last_ckpt = start  # a resumed run's checkpoint already holds its step
         if self.dist.is_main:
-            write_run_info(self.run_dir, run_id, cfg, hook_names, model, resumed_from=start,
-                           compute_dtype=amp or torch.float32)
-            loggers = build_loggers(tcfg.loggers, self.run_dir, run_id, cfg.to_dict(), self.say)
+            write_run_info(self.run_dir, state.run_id, cfg, hook_names, model, resumed_from=start,
+                           compute_dtype=self.amp or torch.float32)
+            self.loggers = build_loggers(tcfg.loggers, self.run_dir, state.run_id, cfg.to_dict(), self.say)
         else:
-            loggers = MultiLogger([])
+            self.loggers = MultiLogger([])
+        self.step_setup = self._step_setup(model, distiller, update_hooks)
+        return state
+
+    def _step_setup(self, model: CausalLM, distiller: Distiller | None, update_hooks: list[Any]) -> StepSetup:
+        tcfg = self.cfg.train
         forward: torch.nn.Module = model
-        if self.dist.enabled and not fsdp:
+        if self.dist.enabled and not self.fsdp:
             forward = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         # train.compile: forward and loss compile as one graph; distillation needs the logits
         # and DDP its no_sync context, so there the model alone is compiled
         whole = tcfg.compile and distiller is None and not self.dist.enabled
         forward = torch.compile(forward) if tcfg.compile and not whole else forward
-        train_loss = model_loss(forward, compile=whole)
-        params = list(model.parameters())
-        stats_hooks = [h for h in forward_hooks if isinstance(h, ActivationStats)]
+        return StepSetup(loss_fn=model_loss(forward, compile=whole), forward=forward, params=list(model.parameters()),
+                         device=self.device, amp=self.amp, grad_clip=tcfg.grad_clip or None,
+                         fold_clip=not self.fsdp, distiller=distiller, dist=self.dist, update_hooks=update_hooks)
 
-        def eval_metrics(pcfg: Any) -> dict[str, float]:
-            """At the current phase's context length, on the data section's validation text."""
-            batches = iter_eval_batches(data.val, pcfg.block_size, pcfg.batch_size, tcfg.eval_batches)
-            return evaluate_lm(model, batches, token_bytes, self.device, amp)
-
-        def save(at_step: int, best: bool = False) -> Path:
-            saved_model, optimizer_state = model, None
-            if fsdp:  # every rank takes part in gathering the shards; rank 0 writes them
-                model_state, optimizer_state = gather_full_state(model, optimizer)
-                if self.dist.is_main:
-                    saved_model = build_model(model.config)
-                    saved_model.load_state_dict(model_state)
-            if not self.dist.is_main:  # rank 0 writes; the others only track the name
-                return ckpts.root / f"step_{at_step:08d}"
-            if optimizer_state is None:
-                optimizer_state = optimizer.state_dict()
-            state = {"step": at_step, "best_val_loss": best_val, "run_id": run_id, "config_hash": cfg.hash(),
-                     "config": cfg.to_dict(), "skipped_nonfinite": skipped_total}
-            return ckpts.save(at_step, lambda d: save_training_files(d, saved_model, tokenizer, optimizer_state, state), best)
-
+    # ------------------------------------------------------------------ the loop
+    def fit(self, state: TrainState) -> TrainResult:
+        """Steps until `train.max_steps`, a pause, a time limit or a signal; then a checkpoint."""
+        tcfg = self.cfg.train
         losses: list[float] = []
-        val: dict[str, float] = {}
-        last_ckpt: Path | None = start  # a resumed run's checkpoint already holds its step
-        bad_in_row = 0
-        bar = tqdm(total=tcfg.max_steps, initial=step, disable=not tcfg.progress, dynamic_ncols=True,
+        self.val: dict[str, float] = {}
+        bar = tqdm(total=tcfg.max_steps, initial=state.step, disable=not tcfg.progress, dynamic_ncols=True,
                    desc="train", unit="step")
-        started = time.perf_counter()
-        window_start, window_steps = started, 0
-        model.train()
+        self.started = self.window_start = time.perf_counter()
+        self.window_steps = 0
+        state.model.train()
         try:
-            while step < tcfg.max_steps:
-                phase = phase_at(phases, step)
-                pcfg = phase.cfg
-                if step == phase.start and len(phases) > 1:
-                    self.say(f"curriculum: {phase.describe()}")
-                tokens_per_step = pcfg.batch_size * pcfg.block_size * pcfg.grad_accum_steps
-                lr = phase.learning_rate(step)
-                set_learning_rate(optimizer, lr, tcfg)
-                for hook in stats_hooks:
-                    hook.active = (step + 1) % hook.every == 0
-                step_loss = 0.0
-                aux_total = 0.0
-                ce_total = kd_total = 0.0  # the two parts of a distillation loss
-                for micro in range(tcfg.grad_accum_steps):
-                    x, y = phase.batch(step, micro)
-                    x, y = self.dist.shard(x).to(self.device), self.dist.shard(y).to(self.device)
-                    # DDP averages gradients once per step, on the last micro-batch
-                    sync = micro == tcfg.grad_accum_steps - 1 or not self.dist.enabled
-                    with contextlib.nullcontext() if sync else forward.no_sync():
-                        with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
-                            if distiller is None:
-                                loss, aux_loss = train_loss(x, y)
-                            else:
-                                out = forward(x)
-                                loss, ce, kd = distiller.loss(out.logits, x, y)
-                                aux_loss = out.aux_loss
-                                ce_total += ce.item() / tcfg.grad_accum_steps
-                                kd_total += kd.item() / tcfg.grad_accum_steps
-                            total = loss + aux_loss if aux_loss is not None else loss
-                        (total / tcfg.grad_accum_steps).backward()
-                    step_loss += loss.item() / tcfg.grad_accum_steps
-                    if aux_loss is not None:
-                        aux_total += aux_loss.item() / tcfg.grad_accum_steps
-                step_loss, aux_total = self.dist.mean(step_loss), self.dist.mean(aux_total)
-                for hook in update_hooks:
-                    hook.apply(model, step)
-                log_now = (step + 1) % tcfg.log_every == 0
-                group_norms = grad_norms_by_group(model) if log_now else {}  # raw, before clipping
-                # clipping is folded into the fused AdamW's update (see clip_grad_norm)
-                grad_norm = clip_grad_norm(optimizer, params, tcfg.grad_clip or None, fold_into_optimizer=not fsdp)
-                step += 1
-                if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-                    optimizer.zero_grad(set_to_none=True)
-                    bad_in_row += 1
-                    skipped_total += 1
-                    self.say(f"warning: step {step} has a non-finite loss or gradient; skipped "
-                             f"({bad_in_row} in a row, {skipped_total} in this run)")
-                    loggers.log(step, {"train/skipped_nonfinite": float(bad_in_row),
-                                       "train/skipped_nonfinite_total": float(skipped_total)})
-                    if bad_in_row >= tcfg.max_nonfinite_steps:
-                        path = save(step)
-                        raise SLMError(f"training diverged: {bad_in_row} non-finite steps in a row ending at "
-                                       f"step {step}; the last good weights are in {path}. Lower train.lr "
-                                       "or check the data")
-                    bar.update(1)
-                    continue
-                bad_in_row = 0
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(step_loss)
-                window_steps += 1
+            while state.step < tcfg.max_steps:
+                stats, lr = self._one_step(state)
                 bar.update(1)
-                if tcfg.time_limit_s is not None and time.perf_counter() - started > tcfg.time_limit_s:
-                    self._stop_reason = self._stop_reason or "time limit"
-                if self.until is not None and step >= self.until:
-                    self._stop_reason = self._stop_reason or f"paused at --until {self.until}"
-                if self.dist.enabled and self.dist.any(self._stop_reason is not None):
-                    # every rank stops at the same step, for the reason rank 0 gives
-                    self._stop_reason = self.dist.from_main(self._stop_reason or "stopped by another rank")
-                # a planned end (last step, time limit, pause) gets a final eval and sample; a
-                # signal only gets its checkpoint, as fast as possible
-                ending = step == tcfg.max_steps or (self._stop_reason is not None
-                                                    and self._stop_reason not in SIGNAL_STOPS)
-                if step % tcfg.log_every == 0 or ending:
-                    now = time.perf_counter()
-                    tok_s = window_steps * tokens_per_step / max(now - window_start, 1e-9)
-                    metrics = {"train/loss": step_loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                               "train/tokens_per_s": tok_s, "train/tokens": float(step * tokens_per_step)}
-                    if aux_total:
-                        metrics["train/aux_loss"] = aux_total
-                    if distiller is not None:  # every rank logs at the same steps, so the means line up
-                        metrics["train/ce_loss"] = self.dist.mean(ce_total)
-                        metrics["train/kd_loss"] = self.dist.mean(kd_total)
-                    metrics.update(group_norms)
-                    metrics.update(ternary_stats(model))
-                    metrics.update(firing_rates(model))
-                    metrics.update(getattr(model, "last_compression", {}))
-                    for hook in forward_hooks:
-                        metrics.update(hook.metrics())
-                    loggers.log(step, metrics)
-                    bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
-                    window_start, window_steps = now, 0
-                if step % tcfg.eval_every == 0 or ending:
-                    val = eval_metrics(pcfg)
-                    loggers.log(step, {f"val/{k}": v for k, v in val.items() if k not in ("tokens", "bytes")})
-                    if val["loss"] < best_val:
-                        best_val = val["loss"]
-                        last_ckpt = save(step, best=True)
-                if (step % tcfg.sample_every == 0 or ending) and (self.dist.is_main or fsdp):
-                    sample = self._sample(model, tokenizer, step)  # FSDP: a collective, all ranks sample
-                    loggers.log_text(step, "sample", sample)
-                if step % tcfg.checkpoint_every == 0 and (last_ckpt is None or not last_ckpt.name.endswith(f"{step:08d}")):
-                    last_ckpt = save(step)
+                if stats.skipped:
+                    self._on_skipped(state)
+                    continue
+                losses.append(stats.loss)
+                self.window_steps += 1
+                ending = self._check_stop(state)
+                if self.maybe_log(state, stats, lr, ending):
+                    bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{self.last_tok_s:,.0f}", lr=f"{lr:.2e}")
+                self.maybe_eval(state, ending)
+                self.maybe_sample(state, ending)
+                self.maybe_checkpoint(state)
                 if self._stop_reason:
                     break
         finally:
             bar.close()
-            loggers.close()
-        if last_ckpt is None or not last_ckpt.name.endswith(f"{step:08d}"):
-            last_ckpt = save(step)
+            self.loggers.close()
+        if not self._holds_step(self.last_ckpt, state.step):
+            self.last_ckpt = self.save_checkpoint(state)
         if self._stop_reason:
-            self.say(f"stopped at step {step} ({self._stop_reason}); checkpoint {last_ckpt}; "
+            self.say(f"stopped at step {state.step} ({self._stop_reason}); checkpoint {self.last_ckpt}; "
                      "continue with --resume auto")
         interrupted = self._stop_reason in SIGNAL_STOPS
-        return TrainResult(self.run_dir, step, interrupted, val, losses, last_ckpt, self.dist.is_main)
+        return TrainResult(self.run_dir, state.step, interrupted, self.val, losses, self.last_ckpt, self.dist.is_main)
+
+    def _one_step(self, state: TrainState) -> tuple[StepStats, float]:
+        """The step's phase, learning rate and micro-batches, then `train_step`."""
+        tcfg = self.cfg.train
+        phase = phase_at(self.phases, state.step)
+        if state.step == phase.start and len(self.phases) > 1:
+            self.say(f"curriculum: {phase.describe()}")
+        state.phase = phase
+        lr = phase.learning_rate(state.step)
+        set_learning_rate(state.optimizer, lr, tcfg)
+        for hook in self.stats_hooks:
+            hook.active = (state.step + 1) % hook.every == 0
+        batches = [phase.batch(state.step, micro) for micro in range(tcfg.grad_accum_steps)]
+        log_now = (state.step + 1) % tcfg.log_every == 0
+        return train_step(state, batches, self.step_setup, group_norms=log_now), lr
+
+    def _on_skipped(self, state: TrainState) -> None:
+        """A non-finite step: warn, log, and stop with the last good weights after too many."""
+        self.say(f"warning: step {state.step} has a non-finite loss or gradient; skipped "
+                 f"({state.bad_in_row} in a row, {state.skipped_total} in this run)")
+        self.loggers.log(state.step, {M.TRAIN_SKIPPED_NONFINITE: float(state.bad_in_row),
+                                      M.TRAIN_SKIPPED_NONFINITE_TOTAL: float(state.skipped_total)})
+        if state.bad_in_row >= self.cfg.train.max_nonfinite_steps:
+            path = self.save_checkpoint(state)
+            raise SLMError(f"training diverged: {state.bad_in_row} non-finite steps in a row ending at "
+                           f"step {state.step}; the last good weights are in {path}. Lower train.lr "
+                           "or check the data")
+
+    def _check_stop(self, state: TrainState) -> bool:
+        """Sets the stop reason (time limit, pause, another rank's stop); True at a planned end.
+
+        A planned end (last step, time limit, pause) gets a final eval and sample; a signal
+        only gets its checkpoint, as fast as possible.
+        """
+        tcfg = self.cfg.train
+        if tcfg.time_limit_s is not None and time.perf_counter() - self.started > tcfg.time_limit_s:
+            self._stop_reason = self._stop_reason or "time limit"
+        if self.until is not None and state.step >= self.until:
+            self._stop_reason = self._stop_reason or f"paused at --until {self.until}"
+        if self.dist.enabled and self.dist.any(self._stop_reason is not None):
+            # every rank stops at the same step, for the reason rank 0 gives
+            self._stop_reason = self.dist.from_main(self._stop_reason or "stopped by another rank")
+        return state.step == tcfg.max_steps or (self._stop_reason is not None
+                                                and self._stop_reason not in SIGNAL_STOPS)
+
+    def maybe_log(self, state: TrainState, stats: StepStats, lr: float, ending: bool) -> bool:
+        """Every `log_every` steps (and at a planned end): the step's metrics to every logger."""
+        if not (state.step % self.cfg.train.log_every == 0 or ending):
+            return False
+        pcfg = state.phase.cfg
+        tokens_per_step = pcfg.batch_size * pcfg.block_size * pcfg.grad_accum_steps
+        now = time.perf_counter()
+        self.last_tok_s = self.window_steps * tokens_per_step / max(now - self.window_start, 1e-9)
+        metrics = {M.TRAIN_LOSS: stats.loss, M.TRAIN_LR: lr, M.TRAIN_GRAD_NORM: stats.grad_norm,
+                   M.TRAIN_TOKENS_PER_S: self.last_tok_s, M.TRAIN_TOKENS: float(state.step * tokens_per_step)}
+        if stats.aux_loss:
+            metrics[M.TRAIN_AUX_LOSS] = stats.aux_loss
+        if stats.ce_loss is not None:  # every rank logs at the same steps, so the means line up
+            metrics[M.TRAIN_CE_LOSS] = self.dist.mean(stats.ce_loss)
+            metrics[M.TRAIN_KD_LOSS] = self.dist.mean(stats.kd_loss)
+        metrics.update(stats.group_norms)
+        metrics.update(ternary_stats(state.model))
+        metrics.update(firing_rates(state.model))
+        metrics.update(getattr(state.model, "last_compression", {}))
+        for hook in self.forward_hooks:
+            metrics.update(hook.metrics())
+        self.loggers.log(state.step, metrics)
+        self.window_start, self.window_steps = now, 0
+        return True
+
+    def maybe_eval(self, state: TrainState, ending: bool) -> None:
+        """Every `eval_every` steps: validation metrics; a new best is checkpointed as best."""
+        if not (state.step % self.cfg.train.eval_every == 0 or ending):
+            return
+        self.val = self.validate(state)
+        self.loggers.log(state.step, {f"{M.VAL_PREFIX}{k}": v for k, v in self.val.items()
+                                      if k not in ("tokens", "bytes")})
+        if self.val["loss"] < state.best_val:
+            state.best_val = self.val["loss"]
+            self.last_ckpt = self.save_checkpoint(state, best=True)
+
+    def validate(self, state: TrainState) -> dict[str, float]:
+        """At the current phase's context length, on the data section's validation text."""
+        pcfg = state.phase.cfg
+        batches = iter_eval_batches(self.data.val, pcfg.block_size, pcfg.batch_size, self.cfg.train.eval_batches)
+        return evaluate_lm(state.model, batches, self.token_bytes, self.device, self.amp)
+
+    def maybe_sample(self, state: TrainState, ending: bool) -> None:
+        if (state.step % self.cfg.train.sample_every == 0 or ending) and (self.dist.is_main or self.fsdp):
+            sample = self._sample(state.model, self.tokenizer, state.step)  # FSDP: a collective, all ranks sample
+            self.loggers.log_text(state.step, "sample", sample)
+
+    def maybe_checkpoint(self, state: TrainState) -> None:
+        if state.step % self.cfg.train.checkpoint_every == 0 and not self._holds_step(self.last_ckpt, state.step):
+            self.last_ckpt = self.save_checkpoint(state)
+
+    @staticmethod
+    def _holds_step(checkpoint: Path | None, step: int) -> bool:
+        return checkpoint is not None and checkpoint.name.endswith(f"{step:08d}")
+
+    def save_checkpoint(self, state: TrainState, best: bool = False) -> Path:
+        """Model, optimizer, RNGs and trainer state as one atomic checkpoint folder (rank 0 writes)."""
+        saved_model, optimizer_state = state.model, None
+        if self.fsdp:  # every rank takes part in gathering the shards; rank 0 writes them
+            model_state, optimizer_state = gather_full_state(state.model, state.optimizer)
+            if self.dist.is_main:
+                saved_model = build_model(state.model.config)
+                saved_model.load_state_dict(model_state)
+        if not self.dist.is_main:  # rank 0 writes; the others only track the name
+            return self.ckpts.root / f"step_{state.step:08d}"
+        if optimizer_state is None:
+            optimizer_state = state.optimizer.state_dict()
+        info = {"step": state.step, "best_val_loss": state.best_val, "run_id": state.run_id,
+                "config_hash": self.cfg.hash(), "config": self.cfg.to_dict(),
+                "skipped_nonfinite": state.skipped_total}
+        return self.ckpts.save(state.step, lambda d: save_training_files(d, saved_model, self.tokenizer,
+                                                                         optimizer_state, info), best)
 
     def _sample(self, model: CausalLM, tokenizer: Tokenizer, step: int) -> str:
         tcfg = self.cfg.train
