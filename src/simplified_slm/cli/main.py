@@ -42,7 +42,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from simplified_slm.training.trainer import Trainer
 
     cfg = _experiment(args)
-    result = Trainer(cfg, resume=args.resume, until=args.until).run()
+    result = Trainer(cfg, resume=args.resume, until=args.until, allow_data_change=args.allow_data_change).run()
     if result.val_metrics and result.is_main:
         print(json.dumps({"step": result.step, **{f"val_{k}": v for k, v in result.val_metrics.items()}}))
     return EXIT_INTERRUPTED if result.interrupted else 0
@@ -150,7 +150,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from simplified_slm.cli.pipeline import run_pipeline
 
-    return run_pipeline(_experiment(args), resume=args.resume)
+    return run_pipeline(_experiment(args), resume=args.resume, allow_data_change=args.allow_data_change)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -220,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model from an experiment config")
     _add_config_args(p)
     p.add_argument("--resume", help="'auto' (newest intact checkpoint of the run) or a checkpoint folder")
+    p.add_argument("--allow-data-change", "--allow_data_change", action="store_true",
+                   help="resume even though the training data changed since the checkpoint")
     p.add_argument("--until", type=int, help="pause at this step with a checkpoint (the schedule still spans "
                    "train.max_steps); continue later with --resume auto")
     p.set_defaults(func=cmd_train)
@@ -227,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="end-to-end: prepare, train, evaluate, write the report")
     _add_config_args(p)
     p.add_argument("--resume", help="'auto' or a checkpoint folder")
+    p.add_argument("--allow-data-change", "--allow_data_change", action="store_true",
+                   help="resume even though the training data changed since the checkpoint")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("prepare", help="tokenize a dataset into token shards")

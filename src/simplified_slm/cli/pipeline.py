@@ -14,9 +14,9 @@ from simplified_slm.training.trainer import Trainer
 from simplified_slm.utils.io import atomic_write_json
 
 
-def run_pipeline(cfg: ExperimentConfig, resume: str | None = None) -> int:
+def run_pipeline(cfg: ExperimentConfig, resume: str | None = None, allow_data_change: bool = False) -> int:
     started = time.perf_counter()
-    result = Trainer(cfg, resume=resume).run()
+    result = Trainer(cfg, resume=resume, allow_data_change=allow_data_change).run()
     if result.interrupted:
         return 130
     best = result.run_dir / "checkpoints" / "best"

@@ -313,7 +313,9 @@ def _first_line(err: BaseException, prefer: str = "") -> str:
     return picked[:200]
 
 
-def _read_state(directory: Path) -> dict[str, Any]:
+def read_trainer_state(directory: Path) -> dict[str, Any]:
+    """The checkpoint's trainer state (step, run id, data fingerprint, RNG, ...), validated."""
+    directory = Path(directory)
     path = directory / STATE_FILE
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
@@ -345,7 +347,7 @@ def load_training_files(directory: Path, model: torch.nn.Module,
             raise SLMError(f"checkpoint {directory}: {name} is not covered by its {MANIFEST}; the checkpoint "
                            "is incomplete or was not written by `slm train`")
     model.load_weights(directory / "model.safetensors", map_location=model.device)
-    state = _read_state(directory)
+    state = read_trainer_state(directory)
     if optimizer is not None:
         load_optimizer_state(directory, optimizer.load_state_dict)
     try:
@@ -374,3 +376,13 @@ def load_optimizer_state(directory: Path, load: Callable[[dict[str, Any]], None]
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
         raise SLMError(f"optimizer state {path} does not fit this model/optimizer "
                        f"({_first_line(err)}); start a fresh run instead of resuming") from None
+
+
+def read_model_vocab_size(directory: Path) -> int | None:
+    """The vocabulary size in a checkpoint's config.json (None where it cannot be read:
+    loading the checkpoint then reports the damage)."""
+    try:
+        value = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8")).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) else None

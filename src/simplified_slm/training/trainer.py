@@ -31,6 +31,8 @@ from simplified_slm.training.checkpoint import (
     CheckpointManager,
     load_optimizer_state,
     load_training_files,
+    read_model_vocab_size,
+    read_trainer_state,
     save_training_files,
 )
 from simplified_slm.training.config import ExperimentConfig
@@ -44,6 +46,7 @@ from simplified_slm.training.distributed import (
 )
 from simplified_slm.training.hooks import ActivationStats, build_hooks
 from simplified_slm.training.loggers import MultiLogger, build_loggers
+from simplified_slm.training.memory import check_fits_in_memory
 from simplified_slm import metric_names as M
 from simplified_slm.training.monitoring import firing_rates, ternary_stats
 from simplified_slm.training.optim import build_optimizer, set_learning_rate
@@ -88,12 +91,16 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, resume: str | None = None,
-                 say: Callable[[str], None] | None = None, until: int | None = None) -> None:
+                 say: Callable[[str], None] | None = None, until: int | None = None,
+                 allow_data_change: bool = False) -> None:
         """`until` pauses the run at that step (with a checkpoint) without changing the
-        schedule, which is laid out over `train.max_steps`; resume later to continue."""
+        schedule, which is laid out over `train.max_steps`; resume later to continue.
+        `allow_data_change` resumes even where the training data changed since the checkpoint
+        (otherwise refused: the run would no longer repeat an uninterrupted one)."""
         self.cfg = cfg
         self.resume = resume
         self.until = until
+        self.allow_data_change = allow_data_change
         self.say = say or (lambda message: tqdm.write(message, file=sys.stderr))
         self.run_dir = Path(cfg.output_dir)
         self.dist, device_name = init_distributed(cfg.train.device)
@@ -103,13 +110,17 @@ class Trainer:
         self._stop_reason: str | None = None
 
     # ----------------------------------------------------------------- set-up
-    def _tokenizer(self) -> Tokenizer:
+    def _tokenizer(self, start: Path | None) -> Tokenizer:
+        """The run's tokenizer; a resumed checkpoint's own when the run folder has none."""
         tok_dir = self.run_dir / "tokenizer"
         if not self.dist.is_main:
             self.dist.barrier()  # rank 0 builds and saves it first
             return load_tokenizer(tok_dir)
         if (tok_dir / "tokenizer_config.json").is_file():
             tokenizer = load_tokenizer(tok_dir)
+        elif start is not None:
+            tokenizer = load_tokenizer(start)
+            tokenizer.save(tok_dir)
         else:
             tokenizer = build_tokenizer(self.cfg.tokenizer, training_texts(self.cfg))
             tokenizer.save(tok_dir)
@@ -136,15 +147,42 @@ class Trainer:
                 self.say(f"no intact checkpoint in {ckpts.root}; starting a fresh run")
             return found
         path = Path(self.resume)
+        if path.is_file():
+            raise SLMError(f"--resume {path} is a file; pass a checkpoint folder (e.g. "
+                           f"{ckpts.root / 'latest'}) or --resume auto")
         if not path.is_dir():
             raise SLMError(f"checkpoint {path} does not exist; pass a checkpoint folder or --resume auto")
         return path.resolve()
+
+    def _check_resumable(self, start: Path, model_cfg: Any) -> dict[str, Any]:
+        """The checkpoint's trainer state, once its vocabulary and training data match this run's.
+
+        The data check is what keeps resume honest: a resumed run repeats the uninterrupted
+        one only on the same tokens (`--allow-data-change` accepts new ones knowingly).
+        """
+        saved = read_trainer_state(start)
+        vocab = read_model_vocab_size(start)
+        if vocab is not None and vocab != model_cfg.vocab_size:
+            raise SLMError(f"checkpoint {start} was trained with {vocab} token ids but this run's tokenizer has "
+                           f"{model_cfg.vocab_size}: the tokenizer was rebuilt (from changed data or tokenizer "
+                           "settings); resume with the original data and settings, or start a new run")
+        old = saved.get("data_fingerprint")
+        if old is not None and old != self.data.meta["fingerprint"] and not self.allow_data_change:
+            source = self.cfg.data.train_file or self.cfg.data.dataset
+            raise SLMError(f"the training data ({source}) changed since checkpoint {start.name} was written (its "
+                           "text, tokenization or data settings differ), so the resumed run would not continue the "
+                           "same one; restore the data, or pass --allow-data-change to continue on the new data")
+        return saved
 
     def _signal_handler(self, signum: int, frame: Any) -> None:
         self._stop_reason = signal.Signals(signum).name
 
     # ------------------------------------------------------------------ train
     def run(self) -> TrainResult:
+        if self.device.type == "cpu":  # before anything is allocated or written
+            given = self.cfg.model.get("vocab_size")
+            vocab = given if isinstance(given, int) else self.cfg.tokenizer.vocab_size or 256
+            check_fits_in_memory(self.cfg.model_config(vocab), self.cfg.train.batch_size, self.cfg.train.block_size)
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -172,10 +210,14 @@ class Trainer:
         """Tokenizer, data, model, optimizer and loggers; restores a checkpoint when resuming."""
         cfg, tcfg = self.cfg, self.cfg.train
         torch.manual_seed(cfg.seed)
-        self.tokenizer = tokenizer = self._tokenizer()
+        self.ckpts = CheckpointManager(self.run_dir / "checkpoints", tcfg.keep_checkpoints, self.say)
+        start = self.dist.from_main(self._find_resume(self.ckpts) if self.dist.is_main else None)
+        self.tokenizer = tokenizer = self._tokenizer(start)
         self.data = self._prepare(cfg.data, tokenizer, self.run_dir / "data")
         self.token_bytes = tokenizer.token_byte_lengths()
-        model = build_model(cfg.model_config(tokenizer.vocab_size)).to(self.device)
+        model_cfg = cfg.model_config(tokenizer.vocab_size)
+        resumed = self._check_resumable(start, model_cfg) if start is not None else {}
+        model = build_model(model_cfg).to(self.device)
         self.amp = autocast_dtype(tcfg.precision, self.device)
         distiller = Distiller.from_config(tcfg, tokenizer, self.device, self.amp) if tcfg.use_distillation else None
 
@@ -191,9 +233,8 @@ class Trainer:
             hook.attach(model)
         self.stats_hooks = [h for h in self.forward_hooks if isinstance(h, ActivationStats)]
 
-        self.ckpts = CheckpointManager(self.run_dir / "checkpoints", tcfg.keep_checkpoints, self.say)
-        start = self.dist.from_main(self._find_resume(self.ckpts) if self.dist.is_main else None)
-        resumed = load_training_files(start, model, None) if start is not None else {}  # optimizer below
+        if start is not None:
+            resumed = load_training_files(start, model, None)  # weights and RNG now; the optimizer below
         self.fsdp = self.dist.enabled and tcfg.distributed == "fsdp"
         if self.dist.enabled:
             self.say(f"distributed: {self.dist.world_size} processes, {tcfg.distributed} over "
@@ -210,6 +251,14 @@ class Trainer:
             if resumed.get("config_hash") != cfg.hash():
                 self.say(f"note: resuming {start.name} with a changed config")
             self.say(f"resumed from {start} at step {state.step}")
+            if state.step >= tcfg.max_steps:
+                self.say(f"the run already finished at step {state.step} (train.max_steps = {tcfg.max_steps}); "
+                         "raise train.max_steps (e.g. --set train.max_steps=...) to train further")
+        for phase in self.phases:
+            if phase.cfg.warmup_steps >= phase.cfg.max_steps:
+                where = f"phase {phase.name!r}" if len(self.phases) > 1 else "the run"
+                self.say(f"warning: warmup_steps ({phase.cfg.warmup_steps}) is not shorter than {where} "
+                         f"({phase.cfg.max_steps} steps): the learning rate never reaches train.lr")
         self.last_ckpt = start  # a resumed run's checkpoint already holds its step
         if self.dist.is_main:
             write_run_info(self.run_dir, state.run_id, cfg, hook_names, model, resumed_from=start,
@@ -386,7 +435,7 @@ class Trainer:
             optimizer_state = state.optimizer.state_dict()
         info = {"step": state.step, "best_val_loss": state.best_val, "run_id": state.run_id,
                 "config_hash": self.cfg.hash(), "config": self.cfg.to_dict(),
-                "skipped_nonfinite": state.skipped_total}
+                "skipped_nonfinite": state.skipped_total, "data_fingerprint": self.data.meta["fingerprint"]}
         return self.ckpts.save(state.step, lambda d: save_training_files(d, saved_model, self.tokenizer,
                                                                          optimizer_state, info), best)
 
