@@ -16,6 +16,7 @@ TRAIN_LR = "train/lr"
 TRAIN_GRAD_NORM = "train/grad_norm"  # total, before clipping
 TRAIN_TOKENS_PER_S = "train/tokens_per_s"
 TRAIN_TOKENS = "train/tokens"  # training tokens seen up to the step
+TRAIN_SECONDS = "train/seconds"  # time in training steps so far, evaluation and checkpoints excluded
 TRAIN_AUX_LOSS = "train/aux_loss"  # e.g. H-Net's ratio loss
 TRAIN_CE_LOSS = "train/ce_loss"  # distillation: the hard-label part
 TRAIN_KD_LOSS = "train/kd_loss"  # distillation: the teacher part

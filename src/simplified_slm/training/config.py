@@ -91,6 +91,9 @@ class TrainConfig(ConfigBase):
     gradient_checkpointing: bool = False  # recompute each block's activations in backward: less memory
     device: str = "auto"
     time_limit_s: float | None = None  # stop (with a checkpoint) after this much training time
+    # seconds of training (evaluation excluded) the lr schedule spans: warmup and decay follow the
+    # clock (warmup_steps / max_steps is the warmup's share), max_steps becomes a cap
+    time_budget: float | None = None
     max_nonfinite_steps: int = 5  # NaN/inf steps in a row before stopping with a checkpoint
     loggers: list[str] = dataclasses.field(default_factory=lambda: ["csv", "console"])
     progress: bool = True
@@ -137,6 +140,11 @@ class TrainConfig(ConfigBase):
             self._fail("grad_clip", f"must be a positive number or null, got {self.grad_clip}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             self._fail("lr", f"need 0 <= min_lr ({self.min_lr}) <= lr ({self.lr}) and lr > 0")
+        if self.time_budget is not None and not (math.isfinite(self.time_budget) and self.time_budget > 0):
+            self._fail("time_budget", f"must be a positive number of seconds, got {self.time_budget}")
+        if self.time_budget is not None and self.phases:
+            self._fail("time_budget", "curriculum phases are laid out in steps; use max_steps with phases, "
+                       "or drop the phases")
         if self.phases and sum(p.steps for p in self.phases) != self.max_steps:
             total = sum(p.steps for p in self.phases)
             self._fail("max_steps", f"is {self.max_steps} but the phases add up to {total} steps; "

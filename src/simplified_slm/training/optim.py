@@ -141,3 +141,11 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     if cfg.lr_schedule == "linear":
         return cfg.lr - (cfg.lr - cfg.min_lr) * progress
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def clock_learning_rate(train_seconds: float, step: int, cfg: TrainConfig) -> float:
+    """`learning_rate` on the clock (`train.time_budget`): the schedule stands at the larger of
+    the budget's and `max_steps`' elapsed shares, so it completes by whichever ends the run
+    first, on any machine; `warmup_steps / max_steps` is the warmup's share."""
+    share = max(train_seconds / cfg.time_budget, step / cfg.max_steps)
+    return learning_rate(min(share, 1.0) * cfg.max_steps, cfg)

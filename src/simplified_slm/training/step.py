@@ -46,6 +46,7 @@ class TrainState:
     best_val: float = math.inf
     skipped_total: int = 0  # non-finite steps skipped over the whole run, resumes included
     bad_in_row: int = 0  # consecutive non-finite steps up to now
+    train_seconds: float = 0.0  # time spent in training steps (evaluation and checkpoints excluded)
     phase: Any = None  # the curriculum phase of the last step (curriculum.Phase)
 
 

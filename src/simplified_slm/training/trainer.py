@@ -49,7 +49,7 @@ from simplified_slm.training.loggers import MultiLogger, build_loggers
 from simplified_slm.training.memory import check_fits_in_memory
 from simplified_slm import metric_names as M
 from simplified_slm.training.monitoring import firing_rates, ternary_stats
-from simplified_slm.training.optim import build_optimizer, set_learning_rate
+from simplified_slm.training.optim import build_optimizer, clock_learning_rate, set_learning_rate
 from simplified_slm.training.precision import autocast_dtype
 from simplified_slm.training.run_info import RunLock, new_run_id, write_run_info
 from simplified_slm.training.step import StepSetup, StepStats, TrainState, model_loss, train_step
@@ -87,6 +87,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # train loss of each step run in this call
     checkpoint: Path | None = None
     is_main: bool = True  # False on the other ranks of a multi-process run, which print nothing
+    train_seconds: float = 0.0  # in training steps over the whole run (evaluation excluded)
 
 
 class Trainer:
@@ -244,16 +245,18 @@ class Trainer:
         optimizer = build_optimizer(model, tcfg)
         state = TrainState(model, optimizer, resumed.get("run_id", new_run_id()), step=resumed.get("step", 0),
                            best_val=resumed.get("best_val_loss", math.inf),
-                           skipped_total=int(resumed.get("skipped_nonfinite", 0)))
+                           skipped_total=int(resumed.get("skipped_nonfinite", 0)),
+                           train_seconds=float(resumed.get("train_seconds", 0.0)))
         if start is not None:
             load_optimizer_state(start, (lambda sd: load_full_optimizer_state(model, optimizer, sd)) if self.fsdp
                                  else optimizer.load_state_dict)
             if resumed.get("config_hash") != cfg.hash():
                 self.say(f"note: resuming {start.name} with a changed config")
             self.say(f"resumed from {start} at step {state.step}")
-            if state.step >= tcfg.max_steps:
-                self.say(f"the run already finished at step {state.step} (train.max_steps = {tcfg.max_steps}); "
-                         "raise train.max_steps (e.g. --set train.max_steps=...) to train further")
+            if self._finished(state):
+                knob = "max_steps" if state.step >= tcfg.max_steps else "time_budget"
+                self.say(f"the run already finished at step {state.step} (train.{knob} = {getattr(tcfg, knob):g}); "
+                         f"raise train.{knob} (--set train.{knob}=...) to train further")
         for phase in self.phases:
             if phase.cfg.warmup_steps >= phase.cfg.max_steps:
                 where = f"phase {phase.name!r}" if len(self.phases) > 1 else "the run"
@@ -291,11 +294,11 @@ class Trainer:
         self.val: dict[str, float] = {}
         bar = tqdm(total=tcfg.max_steps, initial=state.step, disable=not tcfg.progress, dynamic_ncols=True,
                    desc="train", unit="step")
-        self.started = self.window_start = time.perf_counter()
-        self.window_steps = 0
+        self.started = self.window_start = self.step_ended = time.perf_counter()
+        self.window_steps, self.overhead_seconds = 0, 0.0
         state.model.train()
         try:
-            while state.step < tcfg.max_steps:
+            while not self._finished(state):
                 stats, lr = self._one_step(state)
                 bar.update(1)
                 if stats.skipped:
@@ -319,23 +322,42 @@ class Trainer:
         if self._stop_reason:
             self.say(f"stopped at step {state.step} ({self._stop_reason}); checkpoint {self.last_ckpt}; "
                      "continue with --resume auto")
+        elif tcfg.time_budget is not None:
+            self.say(f"trained {state.train_seconds:.1f} s of the {tcfg.time_budget:g} s budget in {state.step} "
+                     f"steps (+{self.overhead_seconds:.1f} s of evaluation, samples and checkpoints)")
         interrupted = self._stop_reason in SIGNAL_STOPS
-        return TrainResult(self.run_dir, state.step, interrupted, self.val, losses, self.last_ckpt, self.dist.is_main)
+        return TrainResult(self.run_dir, state.step, interrupted, self.val, losses, self.last_ckpt, self.dist.is_main,
+                           state.train_seconds)
+
+    def _finished(self, state: TrainState) -> bool:
+        budget = self.cfg.train.time_budget
+        return state.step >= self.cfg.train.max_steps or (budget is not None and state.train_seconds >= budget)
+
+    def _learning_rate(self, state: TrainState, phase: Any) -> float:
+        """The phase's schedule at this step, or on the clock under `train.time_budget`."""
+        if self.cfg.train.time_budget is None:
+            return phase.learning_rate(state.step)
+        return clock_learning_rate(state.train_seconds, state.step, self.cfg.train)
 
     def _one_step(self, state: TrainState) -> tuple[StepStats, float]:
-        """The step's phase, learning rate and micro-batches, then `train_step`."""
+        """The step's phase, learning rate and micro-batches, then `train_step` (timed)."""
         tcfg = self.cfg.train
         phase = phase_at(self.phases, state.step)
         if state.step == phase.start and len(self.phases) > 1:
             self.say(f"curriculum: {phase.describe()}")
         state.phase = phase
-        lr = phase.learning_rate(state.step)
+        lr = self._learning_rate(state, phase)
         set_learning_rate(state.optimizer, lr, tcfg)
         for hook in self.stats_hooks:
             hook.active = (state.step + 1) % hook.every == 0
+        started = time.perf_counter()
+        self.overhead_seconds += started - self.step_ended  # evaluation, samples, checkpoints, logging
         batches = [phase.batch(state.step, micro) for micro in range(tcfg.grad_accum_steps)]
         log_now = (state.step + 1) % tcfg.log_every == 0
-        return train_step(state, batches, self.step_setup, group_norms=log_now), lr
+        stats = train_step(state, batches, self.step_setup, group_norms=log_now)
+        self.step_ended = time.perf_counter()
+        state.train_seconds += self.step_ended - started
+        return stats, lr
 
     def _on_skipped(self, state: TrainState) -> None:
         """A non-finite step: warn, log, and stop with the last good weights after too many."""
@@ -363,8 +385,7 @@ class Trainer:
         if self.dist.enabled and self.dist.any(self._stop_reason is not None):
             # every rank stops at the same step, for the reason rank 0 gives
             self._stop_reason = self.dist.from_main(self._stop_reason or "stopped by another rank")
-        return state.step == tcfg.max_steps or (self._stop_reason is not None
-                                                and self._stop_reason not in SIGNAL_STOPS)
+        return self._finished(state) or (self._stop_reason is not None and self._stop_reason not in SIGNAL_STOPS)
 
     def maybe_log(self, state: TrainState, stats: StepStats, lr: float, ending: bool) -> bool:
         """Every `log_every` steps (and at a planned end): the step's metrics to every logger."""
@@ -375,7 +396,8 @@ class Trainer:
         now = time.perf_counter()
         self.last_tok_s = self.window_steps * tokens_per_step / max(now - self.window_start, 1e-9)
         metrics = {M.TRAIN_LOSS: stats.loss, M.TRAIN_LR: lr, M.TRAIN_GRAD_NORM: stats.grad_norm,
-                   M.TRAIN_TOKENS_PER_S: self.last_tok_s, M.TRAIN_TOKENS: float(state.step * tokens_per_step)}
+                   M.TRAIN_TOKENS_PER_S: self.last_tok_s, M.TRAIN_TOKENS: float(state.step * tokens_per_step),
+                   M.TRAIN_SECONDS: state.train_seconds}
         if stats.aux_loss:
             metrics[M.TRAIN_AUX_LOSS] = stats.aux_loss
         if stats.ce_loss is not None:  # every rank logs at the same steps, so the means line up
@@ -435,7 +457,8 @@ class Trainer:
             optimizer_state = state.optimizer.state_dict()
         info = {"step": state.step, "best_val_loss": state.best_val, "run_id": state.run_id,
                 "config_hash": self.cfg.hash(), "config": self.cfg.to_dict(),
-                "skipped_nonfinite": state.skipped_total, "data_fingerprint": self.data.meta["fingerprint"]}
+                "skipped_nonfinite": state.skipped_total, "data_fingerprint": self.data.meta["fingerprint"],
+                "train_seconds": state.train_seconds}
         return self.ckpts.save(state.step, lambda d: save_training_files(d, saved_model, self.tokenizer,
                                                                          optimizer_state, info), best)
 
