@@ -6,6 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from simplified_slm.models import CausalLM
+from simplified_slm.models.registry import build_model
+
 REPO = Path(__file__).resolve().parent.parent
 
 # The test models are tiny: one thread avoids OpenMP overhead and contention with the
@@ -33,3 +36,26 @@ def tiny_experiment(output_dir: Path, **train_overrides) -> dict:
 @pytest.fixture
 def python_exe() -> str:
     return sys.executable
+
+
+# Small untrained models of every family with byte vocabularies, for the shared contract
+# checks and the family test modules. Values that make the checks bite: lower bounds
+# drawn at random (hgrn_bit), neurons that fire (spiking, initializer_range 0.25), H-Net
+# routers that open chunks.
+FAMILY_CONFIGS: dict[str, dict] = {
+    "gpt": {"family": "gpt", "n_layers": 2, "d_model": 32, "n_heads": 2, "context_length": 64},
+    "llama": {"family": "llama", "preset": "tiny"},
+    "bitnet": {"family": "bitnet", "preset": "tiny"},
+    "hgrn_bit": {"family": "hgrn_bit", "hidden_size": 64, "num_hidden_layers": 3, "num_heads": 2},
+    "hnet_bit": {"family": "hnet_bit", "preset": "tiny"},
+    "spiking": {"family": "spiking", "preset": "tiny", "initializer_range": 0.25},
+}
+
+
+def family_model(family: str, seed: int = 0, **overrides) -> CausalLM:
+    torch.manual_seed(seed)
+    model = build_model({"vocab_size": 256, **FAMILY_CONFIGS[family], **overrides})
+    if family == "hgrn_bit":
+        with torch.no_grad():  # give the lower bounds something to do
+            model.lower_bounds.normal_()
+    return model.eval()

@@ -3,16 +3,16 @@
 import pytest
 import torch
 
+from conftest import family_model
 from simplified_slm.layers.hgrn_bit import HGRNBitAttention
 from simplified_slm.models import CausalLM, SimplifiedSLMConfig, SimplifiedSLMForCausalLM
 from simplified_slm.ops.bitnet import BitLinear
 from simplified_slm.utils import ByteTokenizer
-from test_family_contract import hgrn_bit_model
 
 
 @pytest.fixture
 def model():
-    return hgrn_bit_model()
+    return family_model("hgrn_bit")
 
 
 def test_seed_quick_start_runs_as_written():

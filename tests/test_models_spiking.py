@@ -9,7 +9,7 @@ import snntorch as snn
 import torch
 from snntorch import surrogate
 
-from conftest import tiny_experiment
+from conftest import family_model, tiny_experiment
 from simplified_slm import SLMError
 from simplified_slm.evaluation.evaluator import evaluate_model
 from simplified_slm.layers.lif import LIF
@@ -20,16 +20,9 @@ from simplified_slm.training import ExperimentConfig, Trainer
 from simplified_slm.training.monitoring import firing_rates
 
 
-def spiking_model(**overrides) -> SpikingForCausalLM:
-    # initializer_range 0.25 makes the untrained neurons fire (~10-40%), so the cache and
-    # causality checks exercise real spikes rather than an all-silent network
-    torch.manual_seed(0)
-    return SpikingForCausalLM(SpikingConfig.preset("tiny", initializer_range=0.25, **overrides)).eval()
-
-
 @pytest.fixture
 def model():
-    return spiking_model()
+    return family_model("spiking")
 
 
 # ------------------------------------------------------------------------- neurons
@@ -118,7 +111,7 @@ def test_save_load_round_trip(model, tmp_path):
 
 
 def test_firing_rates():
-    model = spiking_model()
+    model = family_model("spiking")
     assert firing_rates(model) == {}  # nothing recorded before a forward
     model(torch.randint(0, 256, (2, 16)))
     rates = firing_rates(model)
@@ -212,7 +205,7 @@ def test_snntorch_neurons_are_freed_with_their_model():
     import weakref
 
     before = len(snn.SpikingNeuron.instances)
-    model = spiking_model()
+    model = family_model("spiking")
     model(torch.randint(0, 256, (1, 8)))
     ref = weakref.ref(model)
     assert len(snn.SpikingNeuron.instances) == before
