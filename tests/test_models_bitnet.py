@@ -13,11 +13,11 @@ from simplified_slm.data import DataConfig, prepare_dataset
 from simplified_slm.data.corpus import builtin_dataset
 from simplified_slm.errors import SLMError
 from simplified_slm.layers.attention import attention_bias
+from simplified_slm.layers.bitlinear import BitLinear
 from simplified_slm.layers.mla import MLACache, MLADims, MultiHeadLatentAttention
 from simplified_slm.layers.rope import RotaryEmbedding
 from simplified_slm.models import CausalLM
 from simplified_slm.models.bitnet import BitNetConfig, BitNetForCausalLM, cache_bytes_per_token
-from simplified_slm.ops.bitnet import BitLinear
 from simplified_slm.tokenizers import ByteTokenizer
 from simplified_slm.training.config import load_experiment_config
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from simplified_slm.layers.bitlinear import BitLinear
 from simplified_slm.layers.hgrn_bit import HGRNBitAttention
 from simplified_slm.models import CausalLM, SimplifiedSLMConfig, SimplifiedSLMForCausalLM
-from simplified_slm.ops.bitnet import BitLinear
 from simplified_slm.utils import ByteTokenizer
 from test_family_contract import hgrn_bit_model
 

@@ -186,7 +186,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_boundaries(args: argparse.Namespace) -> int:
-    from simplified_slm.models.hnet_bit import boundary_report
+    from simplified_slm.evaluation.boundaries import boundary_report
 
     model, tokenizer = _load_model(args.checkpoint, args.device)
     if args.text is not None:

@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from simplified_slm.errors import SLMError
 from simplified_slm.models.base import CONFIG_FILE, CausalLM
 from simplified_slm.models.registry import config_from_dict, model_class
-from simplified_slm.ops.bitnet import BitLinear, ternary_codes
+from simplified_slm.layers.bitlinear import BitLinear
+from simplified_slm.ops.bitnet import ternary_codes
 from simplified_slm.ops.packing import pack_ternary, unpack_ternary
 from simplified_slm.utils.io import atomic_write, atomic_write_json
 

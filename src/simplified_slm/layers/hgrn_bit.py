@@ -16,12 +16,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from simplified_slm.layers.bitlinear import BitLinear
+from simplified_slm.layers.fused_norm_gate import FusedRMSNormSwishGate
 from simplified_slm.layers.mlp import GatedMLP
+from simplified_slm.layers.recurrent_cache import RecurrentCache
 from simplified_slm.ops.activations import swiglu
-from simplified_slm.ops.bitnet import BitLinear
-from simplified_slm.ops.fused_norm_gate import FusedRMSNormSwishGate
 from simplified_slm.ops.hgrn import hgrn
-from simplified_slm.utils.cache import RecurrentCache
 
 
 class HGRNBitAttention(nn.Module):

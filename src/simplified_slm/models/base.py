@@ -96,7 +96,7 @@ class CausalLM(nn.Module):
         `int8=True` runs the frozen layers as integer matmuls; families without BitLinear
         layers are returned unchanged.
         """
-        from simplified_slm.ops.bitnet import BitLinear
+        from simplified_slm.layers.bitlinear import BitLinear
 
         for module in self.modules():
             if isinstance(module, BitLinear):

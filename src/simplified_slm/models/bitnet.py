@@ -21,11 +21,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from simplified_slm.layers.bitlinear import BitLinear
 from simplified_slm.layers.kv_cache import KVCache
 from simplified_slm.layers.mla import MLACache, MLADims, MultiHeadLatentAttention
 from simplified_slm.layers.rope import RotaryEmbedding
 from simplified_slm.models.llama import LlamaBlock, LlamaConfig, LlamaForCausalLM
-from simplified_slm.ops.bitnet import BitLinear
 
 _MLA_FIELDS = ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 

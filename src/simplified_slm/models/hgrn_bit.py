@@ -13,11 +13,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from simplified_slm.layers.bitlinear import BitLinear
 from simplified_slm.layers.hgrn_bit import HGRNBitBlock
+from simplified_slm.layers.recurrent_cache import RecurrentCache
 from simplified_slm.models.base import CausalLM, CausalLMOutput, shifted_labels_loss
 from simplified_slm.models.config import ModelConfig
-from simplified_slm.ops.bitnet import BitLinear
-from simplified_slm.utils.cache import RecurrentCache
 
 
 @dataclasses.dataclass

@@ -15,7 +15,7 @@ The model is embedding (bytes) → stage 0 → BitLinear LM head. Two stages nes
 stage as stage 0's inner network. Widths grow inward as in the paper: the chunk vectors are
 concatenated with a learned pad vector (zero-initialised) up to the next width and the
 inner output is sliced back. The routing projections and the residual projection are
-float `nn.Linear` (identity / zero initialisation, see `ops/dynamic_chunking.py`); every
+float `nn.Linear` (identity / zero initialisation, see `layers/routing.py`); every
 other linear layer is a ternary BitLinear.
 
 `aux_loss` = ratio_loss_weight × Σ_s ratio_loss_s (already weighted). After each full
@@ -24,7 +24,7 @@ and `model.last_routing` the detached routing of each stage.
 
 Padding: `attention_mask` may left-pad (generation) or right-pad; each row then gets the
 result it gets alone (up to float rounding). Masks with holes are not supported.
-Decoding with `HNetBitCache` costs O(1) amortised per byte; see `utils/hnet_cache.py`.
+Decoding with `HNetBitCache` costs O(1) amortised per byte; see `layers/hnet_cache.py`.
 """
 
 from __future__ import annotations
@@ -37,12 +37,14 @@ import torch
 from torch import nn
 
 from simplified_slm.errors import SLMError
+from simplified_slm.layers.bitlinear import BitLinear
 from simplified_slm.layers.hgrn_bit import HGRNBitBlock
+from simplified_slm.layers.hnet_cache import HNetBitCache, put_rows, take_rows
+from simplified_slm.layers.recurrent_cache import RecurrentCache
+from simplified_slm.layers.routing import RoutingModule
 from simplified_slm.models.base import CausalLM, CausalLMOutput, shifted_labels_loss
 from simplified_slm.models.config import ModelConfig
-from simplified_slm.ops.bitnet import BitLinear
 from simplified_slm.ops.dynamic_chunking import (
-    RoutingModule,
     confidence_ste,
     downsample,
     ema_dechunk,
@@ -50,8 +52,6 @@ from simplified_slm.ops.dynamic_chunking import (
     ratio_loss,
     upsample,
 )
-from simplified_slm.utils.cache import RecurrentCache
-from simplified_slm.utils.hnet_cache import HNetBitCache, put_rows, take_rows
 
 
 def _list(*values: Any) -> Any:
@@ -379,86 +379,3 @@ class HNetBitForCausalLM(CausalLM):
         logits = self.lm_head(hidden)
         loss = shifted_labels_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux_loss, cache=cache)
-
-
-
-# ----------------------------------------------------------------- boundary printer
-@dataclass
-class BoundaryReport:
-    marked: str              # the text with "|" before every stage-0 boundary (except the first byte)
-    num_tokens: int
-    num_boundaries: int      # including the forced boundary at the first token
-    word_start_fraction: float  # of the boundaries after the first: at a space or a word start
-    chance_fraction: float      # of all positions after the first: at a space or a word start,
-    # i.e. what boundaries placed without regard to the text would score on this text
-
-    @property
-    def tokens_per_chunk(self) -> float:
-        return self.num_tokens / max(self.num_boundaries, 1)
-
-    def summary(self) -> str:
-        return (f"{self.num_boundaries} boundaries in {self.num_tokens} tokens "
-                f"({self.tokens_per_chunk:.2f} per chunk); {100 * self.word_start_fraction:.1f}% "
-                f"at a space or word start (chance on this text: {100 * self.chance_fraction:.1f}%)")
-
-
-def _is_space(byte: int) -> bool:
-    return chr(byte).isspace() if byte < 128 else False
-
-
-@torch.no_grad()
-def boundary_report(model: HNetBitForCausalLM, tokenizer: Any, text: str) -> BoundaryReport:
-    """Run `text` through the model and report stage 0's boundaries."""
-    ids = tokenizer.encode_ids(text)
-    if not ids:
-        raise SLMError("the text is empty; give at least one character to chunk")
-    if not isinstance(model, HNetBitForCausalLM):
-        raise SLMError(f"boundaries need an hnet_bit model, got family '{model.config.family}'")
-    was_training = model.training
-    model.eval()
-    try:
-        model(torch.tensor([ids], device=model.device))
-    finally:
-        model.train(was_training)
-    marks = model.last_routing[0].boundary[0].tolist()
-    # bytes of every token (byte tokenizer: the id; others: the token's decoded text)
-    pieces: list[bytes] = ([bytes([i]) for i in ids] if getattr(tokenizer, "kind", None) == "byte"
-                           else [tokenizer.decode([i]).encode("utf-8") for i in ids])
-    data = b"".join(pieces)
-    starts, offset = [], 0
-    for piece in pieces:
-        starts.append(offset)
-        offset += len(piece)
-    cuts: set[int] = set()
-    at_word = word_edges = 0
-    for t in range(1, len(ids)):
-        this, prev = pieces[t], pieces[t - 1]
-        on_edge = bool((this and _is_space(this[0])) or (prev and _is_space(prev[-1])))
-        word_edges += on_edge
-        if not marks[t]:
-            continue
-        pos = starts[t]
-        while 0 < pos < len(data) and (data[pos] & 0xC0) == 0x80:  # never split a UTF-8 character
-            pos -= 1
-        if pos > 0:
-            cuts.add(pos)
-        at_word += on_edge
-    out = bytearray()
-    for pos, byte in enumerate(data):
-        if pos in cuts:
-            out += b"|"
-        out.append(byte)
-    later = sum(marks[1:])
-    return BoundaryReport(out.decode("utf-8", errors="replace"), len(ids), sum(marks),
-                          at_word / later if later else 0.0,
-                          word_edges / (len(ids) - 1) if len(ids) > 1 else 0.0)
-
-
-def mark_boundaries(model: HNetBitForCausalLM, tokenizer: Any, text: str) -> str:
-    """The text with '|' before each stage-0 boundary, then a line with the boundary
-    count, tokens per chunk and the fraction of boundaries at a space or word start.
-
-    Use `boundary_report` for the numbers themselves.
-    """
-    report = boundary_report(model, tokenizer, text)
-    return f"{report.marked}\n{report.summary()}"

@@ -33,10 +33,10 @@ import torch
 from torch import nn
 
 from simplified_slm.layers.lif import LIF, LIFBackend, ResetMechanism, Surrogate
+from simplified_slm.layers.recurrent_cache import RecurrentCache
 from simplified_slm.models.base import CausalLM, CausalLMOutput, shifted_labels_loss
 from simplified_slm.models.config import ModelConfig
 from simplified_slm.ops.hgrn import fused_recurrent_hgrn
-from simplified_slm.utils.cache import RecurrentCache
 
 # order of the per-layer states stacked in the cache
 _STATES = ("time_shift", "recurrence", "time_mem", "channel_shift", "channel_mem")
