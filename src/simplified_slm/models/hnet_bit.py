@@ -38,9 +38,8 @@ from torch import nn
 
 from simplified_slm.errors import SLMError
 from simplified_slm.layers.bitlinear import BitLinear
-from simplified_slm.layers.hgrn_bit import HGRNBitBlock
+from simplified_slm.layers.hgrn_bit import HGRNBitStack, mlp_width
 from simplified_slm.layers.hnet_cache import HNetBitCache, put_rows, take_rows
-from simplified_slm.layers.recurrent_cache import RecurrentCache
 from simplified_slm.layers.routing import RoutingModule
 from simplified_slm.models.base import CausalLM, CausalLMOutput, shifted_labels_loss
 from simplified_slm.models.config import ModelConfig
@@ -129,11 +128,6 @@ class HNetBitConfig(ModelConfig):
     def num_stages(self) -> int:
         return len(self.encoder_layers)
 
-    def mlp_size(self, width: int) -> int:
-        """SwiGLU width of a block at `width`: 2/3 * hidden_ratio * width, rounded up to 256."""
-        size = int(width * self.hidden_ratio * 2 / 3)
-        return 256 * ((size + 255) // 256)
-
     def validate(self) -> None:
         super().validate()
         stages = self.num_stages
@@ -166,31 +160,11 @@ class HNetBitConfig(ModelConfig):
                                         f"({self.num_heads})")
 
 
-class HGRNBitStack(nn.Module):
-    """HGRN-Bit blocks with per-layer forget-gate lower bounds, then an RMSNorm."""
-
-    def __init__(self, width: int, num_layers: int, config: HNetBitConfig) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(
-            HGRNBitBlock(width, config.mlp_size(width), config.expand_ratio, config.num_heads,
-                         config.rms_norm_eps, layer_idx=i) for i in range(num_layers))
-        # as in the flat model; one layer would have a constant zero bound, so none
-        self.lower_bounds = (nn.Parameter(torch.zeros(num_layers, width * config.expand_ratio))
-                             if config.use_lower_bound and num_layers > 1 else None)
-        self.norm = nn.RMSNorm(width, eps=config.rms_norm_eps)
-
-    def bounds(self) -> list[torch.Tensor | None]:
-        if self.lower_bounds is None:
-            return [None] * len(self.layers)
-        b = self.lower_bounds.softmax(0)
-        return list((b.cumsum(0) - b[0]).unbind(0))
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: RecurrentCache | None) -> torch.Tensor:
-        for layer, bound in zip(self.layers, self.bounds()):
-            x = layer(x, bound, mask, cache)
-        if cache is not None:
-            cache.advance(x.shape[1])
-        return self.norm(x)
+def _stack(config: HNetBitConfig, width: int, num_layers: int) -> HGRNBitStack:
+    """An HGRN-Bit stack of `config` at `width`; a single layer gets no forget-gate lower
+    bound (its bound would be the constant 0)."""
+    return HGRNBitStack(width, num_layers, mlp_width(width, config.hidden_ratio), config.expand_ratio,
+                        config.num_heads, config.rms_norm_eps, config.use_lower_bound and num_layers > 1)
 
 
 @dataclass
@@ -211,15 +185,15 @@ class HNetStage(nn.Module):
         self.width = config.d_model[level]
         self.is_main = level == config.num_stages
         if self.is_main:
-            self.main = HGRNBitStack(self.width, config.main_layers, config)
+            self.main = _stack(config, self.width, config.main_layers)
             return
         inner_width = config.d_model[level + 1]
-        self.encoder = HGRNBitStack(self.width, config.encoder_layers[level], config)
+        self.encoder = _stack(config, self.width, config.encoder_layers[level])
         self.router = RoutingModule(self.width, config.router_bias_init)
         self.pad = nn.Parameter(torch.zeros(inner_width - self.width)) if inner_width > self.width else None
         self.inner = HNetStage(config, level + 1)
         self.residual_proj = nn.Linear(self.width, self.width, bias=False)
-        self.decoder = HGRNBitStack(self.width, config.decoder_layers[level], config)
+        self.decoder = _stack(config, self.width, config.decoder_layers[level])
 
     def reset_special_parameters(self) -> None:
         """Identity router, zero residual projection and pad (after the generic init)."""
