@@ -122,8 +122,10 @@ class CausalLM(nn.Module):
                            f"{self.config.vocab_size}; the tokenizer and model do not match")
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 100, **kwargs: Any) -> torch.Tensor:
-        """Prompt + continuation ids; see `simplified_slm.generation.generate` for options."""
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int | None = None, **kwargs: Any) -> torch.Tensor:
+        """Prompt + continuation ids; see `simplified_slm.generation.generate` for options
+        (ours and transformers' spellings: `max_length`, `do_sample`, `pad_token_id`,
+        `eos_token_id`)."""
         from simplified_slm.generation.generate import generate  # generation sits above models
 
         return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
