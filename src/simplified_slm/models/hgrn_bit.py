@@ -16,7 +16,7 @@ from torch import nn
 from simplified_slm.layers.bitlinear import BitLinear
 from simplified_slm.layers.hgrn_bit import HGRNBitStackParts, mlp_width
 from simplified_slm.layers.recurrent_cache import RecurrentCache
-from simplified_slm.models.base import CausalLM, CausalLMOutput, shifted_labels_loss
+from simplified_slm.models.base import CausalLM, CausalLMOutput, normal_init, shifted_labels_loss
 from simplified_slm.models.config import ModelConfig
 
 
@@ -71,9 +71,25 @@ class SimplifiedSLMForCausalLM(HGRNBitStackParts, CausalLM):
         self.build_stack(config.hidden_size, config.num_hidden_layers, config.mlp_size, config.expand_ratio,
                          config.num_heads, config.rms_norm_eps, config.use_lower_bound)
         self.lm_head = BitLinear(config.hidden_size, config.vocab_size)
-        self.init_weights(config.initializer_range)
+        self.init_weights()
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embeddings.weight
+
+    def init_weights(self) -> None:
+        """The MatMul-free reference's init (std = `initializer_range`):
+
+        | parameters                                         | initial value  |
+        |----------------------------------------------------|----------------|
+        | embeddings, every BitLinear's latent float weight  | normal(0, std) |
+        | forget-gate lower bounds                           | 0              |
+        | RMSNorm weights (blocks, BitLinear inputs, g_norm) | 1              |
+
+        Zero lower bounds make the softmax over layers uniform, so the bounds start at
+        0, 1/L, ..., (L-1)/L. A tied lm_head is the embedding.
+        """
+        normal_init(self, self.config.initializer_range)
+        if self.lower_bounds is not None:
+            nn.init.zeros_(self.lower_bounds)
 
     def make_cache(self, batch_size: int, max_length: int) -> RecurrentCache:
         return RecurrentCache(self.config.num_hidden_layers)

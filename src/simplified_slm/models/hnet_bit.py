@@ -41,7 +41,7 @@ from simplified_slm.layers.bitlinear import BitLinear
 from simplified_slm.layers.hgrn_bit import HGRNBitStack, mlp_width
 from simplified_slm.layers.hnet_cache import HNetBitCache, put_rows, take_rows
 from simplified_slm.layers.routing import RoutingModule
-from simplified_slm.models.base import CausalLM, CausalLMOutput, shifted_labels_loss
+from simplified_slm.models.base import CausalLM, CausalLMOutput, normal_init, shifted_labels_loss
 from simplified_slm.models.config import ModelConfig
 from simplified_slm.ops.dynamic_chunking import (
     confidence_ste,
@@ -195,16 +195,6 @@ class HNetStage(nn.Module):
         self.residual_proj = nn.Linear(self.width, self.width, bias=False)
         self.decoder = _stack(config, self.width, config.decoder_layers[level])
 
-    def reset_special_parameters(self) -> None:
-        """Identity router, zero residual projection and pad (after the generic init)."""
-        if self.is_main:
-            return
-        self.router.reset_parameters()
-        nn.init.zeros_(self.residual_proj.weight)
-        if self.pad is not None:
-            nn.init.zeros_(self.pad)
-        self.inner.reset_special_parameters()
-
     def _widen(self, x: torch.Tensor) -> torch.Tensor:
         if self.pad is None:
             return x
@@ -287,10 +277,35 @@ class HNetBitForCausalLM(CausalLM):
         self.embeddings = nn.Embedding(config.vocab_size, width)
         self.stage = HNetStage(config, 0)
         self.lm_head = BitLinear(width, config.vocab_size)
-        self.init_weights(config.initializer_range)
-        self.stage.reset_special_parameters()
+        self.init_weights()
         self.last_routing: list[StageRouting | None] = []
         self._compression: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def init_weights(self) -> None:
+        """H-Net's init (std = `initializer_range`):
+
+        | parameters                                          | initial value          |
+        |-----------------------------------------------------|------------------------|
+        | embeddings, every BitLinear's latent float weight   | normal(0, std)         |
+        | router q/k projections                              | identity               |
+        | router input bias (`router_bias_init` β, if any)    | β                      |
+        | residual projection, width pad vector               | 0                      |
+        | forget-gate lower bounds                            | 0                      |
+        | RMSNorm weights                                     | 1                      |
+
+        Identity routers make p_t the dissimilarity of consecutive encoder outputs, and the
+        zero residual projection starts every stage's output as the dechunked inner output
+        (the paper's choices); see `layers/routing.py` and `HNetBitConfig.router_bias_init`.
+        """
+        normal_init(self, self.config.initializer_range)
+        for module in self.modules():
+            if isinstance(module, HGRNBitStack) and module.lower_bounds is not None:
+                nn.init.zeros_(module.lower_bounds)
+            if isinstance(module, HNetStage) and not module.is_main:
+                module.router.reset_parameters()
+                nn.init.zeros_(module.residual_proj.weight)
+                if module.pad is not None:
+                    nn.init.zeros_(module.pad)
 
     def make_cache(self, batch_size: int, max_length: int) -> HNetBitCache:
         c = self.config
