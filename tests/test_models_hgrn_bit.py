@@ -1,4 +1,4 @@
-"""hgrn_bit (seed 000's SimplifiedSLMForCausalLM): interface, cache, causality, ternary freeze."""
+"""hgrn_bit (the original reference API's SimplifiedSLMForCausalLM): interface, cache, causality, ternary freeze."""
 
 import pytest
 import torch

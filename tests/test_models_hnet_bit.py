@@ -1,4 +1,4 @@
-"""hnet_bit (seed 000's HNetBit): dynamic chunking ops, causality, cache, gradients, training."""
+"""hnet_bit (the original reference's HNetBit): dynamic chunking ops, causality, cache, gradients, training."""
 
 import json
 

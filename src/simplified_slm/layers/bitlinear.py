@@ -120,7 +120,7 @@ class BitLinear(nn.Linear):
         y = F.linear(levels(x), codes(w)) / (x_scale * w_scale)
 
     with int8 levels and ternary codes held as floats and the STE for gradients. This is
-    the seed's `F.linear(activation_quant(x), weight_quant(w))` with the two divisions
+    the MatMul-free reference's `F.linear(activation_quant(x), weight_quant(w))` with the two divisions
     moved after the matmul: a sum of integer products is exact in float32 (|sum| < 2**24)
     whatever order a kernel adds in, so training, the frozen float path, the frozen int8
     path (`torch._int_mm`) and transformers' packed BitLinear (same formula) all give

@@ -1,4 +1,4 @@
-"""`gpt`: seed 004's decoder-only transformer (learned positions, pre-LayerNorm, GELU MLP).
+"""`gpt`: the experimental-SLM decoder-only transformer (learned positions, pre-LayerNorm, GELU MLP).
 
 Also the GPT-2 / nanoGPT architecture, so `export/` can write it as GPT2LMHeadModel.
 """
@@ -25,7 +25,7 @@ from simplified_slm.errors import SLMError
 class GPTConfig(ModelConfig):
     family: ClassVar[str] = "gpt"
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        # seed 004's default: 4 layers x 256 wide, 4 heads, context 256
+        # the experimental-SLM default: 4 layers x 256 wide, 4 heads, context 256
         "small": dict(n_layers=4, d_model=256, n_heads=4, context_length=256),
         "base": dict(n_layers=6, d_model=384, n_heads=6, context_length=256),
         "large": dict(n_layers=12, d_model=768, n_heads=12, context_length=1024),

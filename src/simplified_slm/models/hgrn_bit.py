@@ -1,4 +1,4 @@
-"""`hgrn_bit`: seed 000's MatMul-free flat model (SimplifiedSLMForCausalLM).
+"""`hgrn_bit`: the flat MatMul-free model of the original reference API (SimplifiedSLMForCausalLM).
 
 Embedding -> N x HGRNBitBlock -> RMSNorm -> BitLinear LM head, byte vocabulary by default.
 Every linear layer is ternary; the token mixer is a linear recurrence, so the model has no
@@ -23,7 +23,7 @@ from simplified_slm.models.config import ModelConfig
 @dataclasses.dataclass
 class SimplifiedSLMConfig(ModelConfig):
     family: ClassVar[str] = "hgrn_bit"
-    # seed 000's table: hidden x layers; hidden_ratio 4 as in the MatMul-free reference
+    # the original reference API's sizes: hidden x layers; hidden_ratio 4 as in the MatMul-free reference
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "small": dict(hidden_size=256, num_hidden_layers=4),
         "base": dict(hidden_size=512, num_hidden_layers=6),

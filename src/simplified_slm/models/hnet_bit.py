@@ -1,4 +1,4 @@
-"""`hnet_bit`: seed 000's hierarchical MatMul-free model (H-Net with HGRN-Bit stacks).
+"""`hnet_bit`: the hierarchical MatMul-free model (H-Net with HGRN-Bit stacks).
 
 H-Net (Hwang, Wang & Gu 2025, "Dynamic Chunking for End-to-End Hierarchical Sequence
 Modeling") with every sequence mixer an HGRN-Bit stack (ternary BitLinear + linear
@@ -68,24 +68,10 @@ class HNetBitConfig(ModelConfig):
 
     router_bias_init (β): initial entries of a learned vector added to each router's input
     (`RoutingModule`), so that training starts with few boundaries (p ≈ 1/4 instead of
-    ≈ 1/2). Why: boundary decisions get gradient only where a boundary already is (the
-    confidence STE and the EMA reinforce whatever was chosen and never ask "would a
-    boundary here help?"), so the routing is settled while the ratio loss drives F to
-    1/N, and that loss moves all p_t alike: its pull on the router's shared weights is
-    strongest for the most frequent byte pairs, the ones with a space. Starting at
-    p ≈ 1/2 (F ≈ 1/2; consecutive HGRN-Bit encoder outputs are nearly orthogonal at
-    initialisation), the loss pushes p *down* and spaces and word starts lose their
-    boundaries first: after training, fewer boundaries at word starts than chance, on
-    byte identity ('.', ',', vowels). Starting below 1/N, it pushes p *up* and word starts
-    are selected first and kept (1stage preset, configs/training_1stage_tinystories.json,
-    400 steps: ~89% of boundaries at a space or word start, chance ~40%; without the bias
-    ~18% after 150 steps, ~30% after 1100). The bias is learned like any other weight. 0
-    (no bias, the paper's router) is the dataclass default so configs saved before the
-    field existed load unchanged; the 1stage preset uses 1. It only helps where 1/N is at
-    most the rate of word starts (TinyStories: one per 5.0 bytes): with 2stage's N = 3 the
-    outer router must select more than the word starts, overshoots and the ratio loss
-    then removes the space boundaries again (18% at word starts after 150 steps), so
-    2stage keeps the paper's router.
+    ≈ 1/2) and the ratio loss raises p, selecting word starts first. 0 (the paper's router)
+    is the default, so configs saved before the field existed load unchanged; the 1stage
+    preset uses 1. Why and when it helps: docs/ARCHITECTURE.md, "Departure from the
+    paper's router"; the measurements behind it: docs/NOTES.md.
 
     Presets against the flat baseline (multiply-accumulates per byte counted over every
     weight matrix, each level weighted by its share of positions at the target ratios):

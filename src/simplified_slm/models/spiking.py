@@ -1,4 +1,4 @@
-"""`spiking`: a SpikeGPT-style spiking language model (seed 003's SNN variant).
+"""`spiking`: a SpikeGPT-style spiking language model (the edge framework's SNN variant).
 
 Embedding -> LayerNorm -> N x SpikingBlock -> LayerNorm -> LM head. Each block is
 SpikeGPT's (Zhu et al., 2023):

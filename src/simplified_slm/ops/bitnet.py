@@ -6,7 +6,7 @@ keep learning. These are the project's only quantisers; the layer built on them 
 `layers/bitlinear.py::BitLinear`, which multiplies integer levels by integer codes and
 divides once afterwards (`int8_linear` is its frozen int8 path).
 
-Scale convention (the seed's, and transformers' `weight_scale`): `scale` multiplies the
+Scale convention (the MatMul-free reference's, and transformers' `weight_scale`): `scale` multiplies the
 float value into the integer grid, so the dequantised value is `code / scale`.
 """
 
