@@ -65,7 +65,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def _load_model(path: str | None, device: str, untrained_fallback: bool = False):
     """Model + tokenizer from a checkpoint/model folder (or the newest run's best checkpoint).
 
-    With `untrained_fallback` (seed 000's `generate.py --prompt ...` without a model) and no
+    With `untrained_fallback` (the original reference's `generate.py --prompt ...` without a model) and no
     trained model anywhere, a freshly initialised byte-level SimplifiedSLM small model is
     used, with a warning, so the command runs on a fresh clone.
     """

@@ -1,6 +1,6 @@
 """Packed ternary checkpoints: every BitLinear weight as 2-bit codes (4 per byte) + one scale.
 
-This is what makes seed 000's "~8x memory reduction vs FP16" real: a ternary weight needs
+This is what makes the original reference's "~8x memory reduction vs FP16" real: a ternary weight needs
 log2(3) bits; we store 2. Codes and scale are stored separately (never a dequantised float
 tensor, whose re-quantisation would shrink the scale). Everything else (embeddings, norms,
 lower bounds) stays float32. Loading gives a model whose BitLinears are frozen on int8 codes
