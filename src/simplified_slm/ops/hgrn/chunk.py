@@ -73,16 +73,16 @@ def _scan(
     a: torch.Tensor,
     h: torch.Tensor,
     out: torch.Tensor,
-    chunk_size: int | None,
+    chunk_size: int,
     reverse: bool,
 ) -> None:
     """Write out[:, t] = a[:, t] * out[:, t -/+ 1] + x[:, t] (state h before the first step).
 
-    Whole chunks go through `_chunked`; the leftover tokens (all of them when
-    `chunk_size` is None) are stepped one by one, last in scan order.
+    Whole chunks go through `_chunked`; the leftover tokens are stepped one by one, last
+    in scan order.
     """
     length = x.shape[1]
-    main = 0 if chunk_size is None else length // chunk_size * chunk_size
+    main = length // chunk_size * chunk_size
     if main:
         span = slice(length - main, length) if reverse else slice(0, main)
         h = _chunked(x[:, span], a[:, span], h, out[:, span], chunk_size, reverse)
