@@ -1,4 +1,4 @@
-"""BitNet (seed 001 TinyLM) inference at batch 1: prefill and decode tokens/s.
+"""BitNet (TinyLM) inference at batch 1: prefill and decode tokens/s.
 
 Runs of the same weights, ours timed through `model.generate(greedy=True)` as a user calls
 it (prefill = prompt to first token, decode = the tokens after it, from `on_token` times):

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from simplified_slm.export.ternary import load_packed, save_packed
+from simplified_slm.layers.bitlinear import BitLinear
 from simplified_slm.models import CausalLM, GPTConfig, SimplifiedSLMConfig, build_model
 from simplified_slm.models.base import next_token_loss
-from simplified_slm.ops.bitnet import BitLinear
 
 
 @contextmanager
@@ -73,8 +73,8 @@ def decode_tokens_per_s(model: CausalLM, new_tokens: int) -> float:
 
 RSS_CHILD = """
 import sys, torch
-from simplified_slm.models import CausalLM
 from simplified_slm.export.ternary import load_packed
+from simplified_slm.models import CausalLM
 def rss_kib():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1])
 torch.randint(0, 256, (1, 16)).float().sum()  # touch torch's lazy init before the baseline

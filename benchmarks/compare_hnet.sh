@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Seed 000's comparison table: flat HGRN-Bit vs 1-stage vs 2-stage H-Net, the same wall-clock
+# The original reference's comparison table: flat HGRN-Bit vs 1-stage vs 2-stage H-Net, the same wall-clock
 # budget each on the bundled TinyStories (CPU). Usage: benchmarks/compare_hnet.sh [seconds] [outdir]
 set -euo pipefail
 cd "$(dirname "$0")/.."

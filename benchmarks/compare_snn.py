@@ -1,4 +1,4 @@
-"""Transformer vs SNN (seed 003's hybrid engine) on the bundled TinyStories, same budget each.
+"""Transformer vs SNN (the edge framework's hybrid engine) on the bundled TinyStories, same budget each.
 
 Both runs use `configs/spiking_tinystories.json` through the real `Trainer`; the only
 difference is the model's `architecture` field ("transformer": the Llama-style GQA decoder

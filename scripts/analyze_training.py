@@ -1,4 +1,4 @@
-"""Plot a training run and compare runs (seed 000's analysis step).
+"""Plot a training run and compare runs (the original reference's analysis step).
 
     python scripts/analyze_training.py --run_dir runs/demo [--compare runs/a runs/b] [--out runs/demo/plots]
 

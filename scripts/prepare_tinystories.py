@@ -1,4 +1,4 @@
-"""Tokenize the bundled TinyStories slice into token shards (seed 000's data step).
+"""Tokenize the bundled TinyStories slice into token shards (the original reference's data step).
 
     python scripts/prepare_tinystories.py --output_dir data/tinystories [--tokenizer byte|char|bpe] [--vocab_size N]
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output_dir", "--output-dir", required=True, help="folder for shards, meta.json, tokenizer/")
     p.add_argument("--tokenizer", default="byte", choices=["byte", "char", "bpe"],
-                   help="byte (seed 000's 256 ids), char or bpe")
+                   help="byte (256 ids, the original reference's), char or bpe")
     p.add_argument("--char_policy", default="ascii", choices=["ascii", "corpus"],
                    help="char only: the fixed ASCII vocab of configs/default.json, or the corpus' characters")
     p.add_argument("--vocab_size", "--vocab-size", type=int, help="BPE vocabulary size (bpe only), e.g. 4096")

@@ -1,4 +1,4 @@
-"""End-to-end experiment (seed 000's pipeline): prepare, train, evaluate, analyze.
+"""End-to-end experiment (the original reference's pipeline): prepare, train, evaluate, analyze.
 
     python scripts/run_experiment.py --config configs/default.json [--set train.max_steps=500]
         [--output_dir runs/x] [--compare runs/baseline ...]

@@ -1,4 +1,4 @@
-"""Loggers as other tools read them, the seed-000 scripts, analysis plots and monitoring numbers.
+"""Loggers as other tools read them, the original reference's scripts, analysis plots and monitoring numbers.
 
 One tiny training (module fixture) feeds every test: its TensorBoard events are read back
 with TensorBoard's own reader, its W&B offline folder is checked, and the scripts run on

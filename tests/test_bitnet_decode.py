@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from simplified_slm.layers.bitlinear import BitLinear, sibling_projections
 from simplified_slm.models.bitnet import BitNetConfig, BitNetForCausalLM
-from simplified_slm.ops.bitnet import BitLinear, sibling_projections
 
 
 def _randn(*shape: int, seed: int = 0) -> torch.Tensor:

@@ -104,7 +104,7 @@ def test_missing_and_corrupt_checkpoints(tmp_path, trained):
 
 
 def test_seed_generate_without_a_model_runs_on_a_fresh_clone(tmp_path):
-    """Seed 000: `python generate.py --prompt "Hello" --max_tokens 100 --temperature 0.8`."""
+    """The original reference's `python generate.py --prompt "Hello" --max_tokens 100 --temperature 0.8`."""
     result = subprocess.run([sys.executable, str(REPO / "generate.py"), "--prompt", "Hello", "--max_tokens", "20",
                              "--temperature", "0.8"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -125,7 +125,7 @@ def test_generate_refuses_a_corrupted_checkpoint(trained, tmp_path):
 
 
 def test_root_train_script_trains_from_a_config(tmp_path):
-    """Seed 000: `python train.py --config configs/...json`, run from the repository root."""
+    """The original reference's `python train.py --config configs/...json`, run from the repository root."""
     run = tmp_path / "run"
     overrides = ["train.max_steps=4", "train.eval_every=4", "train.checkpoint_every=4", "train.sample_every=4",
                  "train.log_every=2", "train.loggers=[csv]", "train.eval_batches=1"]

@@ -77,7 +77,7 @@ def _trained_bitnet(**overrides) -> BitNetForCausalLM:
     return model.eval()
 
 
-@pytest.mark.parametrize("kv_heads,act,scaling", [(4, "silu", None),  # MHA, the seed's SwiGLU
+@pytest.mark.parametrize("kv_heads,act,scaling", [(4, "silu", None),  # MHA, TinyLM's SwiGLU
                                                   (2, "relu2", {"rope_type": "linear", "factor": 2.0})])  # GQA
 def test_bitnet_exports_as_transformers_bitnet(tmp_path, kv_heads, act, scaling):
     from safetensors import safe_open

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from simplified_slm.layers.routing import RoutingModule
 from simplified_slm.models.hnet_bit import HNetBitConfig, HNetBitForCausalLM
-from simplified_slm.ops.dynamic_chunking import RoutingModule, ratio_loss
+from simplified_slm.ops.dynamic_chunking import ratio_loss
 
 SMALL = dict(d_model=[32, 48], encoder_layers=[1], decoder_layers=[1], main_layers=1, target_ratio=[3.0],
              router_bias_init=1.0)

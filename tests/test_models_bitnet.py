@@ -1,4 +1,4 @@
-"""bitnet (seed 001 TinyLM): BitLinear everywhere, SubLN, no biases, cache, ternary freeze, MLA."""
+"""bitnet (TinyLM): BitLinear everywhere, SubLN, no biases, cache, ternary freeze, MLA."""
 
 import csv
 import gzip
@@ -13,11 +13,11 @@ from simplified_slm.data import DataConfig, prepare_dataset
 from simplified_slm.data.corpus import builtin_dataset
 from simplified_slm.errors import SLMError
 from simplified_slm.layers.attention import attention_bias
+from simplified_slm.layers.bitlinear import BitLinear
 from simplified_slm.layers.mla import MLACache, MLADims, MultiHeadLatentAttention
 from simplified_slm.layers.rope import RotaryEmbedding
 from simplified_slm.models import CausalLM
 from simplified_slm.models.bitnet import BitNetConfig, BitNetForCausalLM, cache_bytes_per_token
-from simplified_slm.ops.bitnet import BitLinear
 from simplified_slm.tokenizers import ByteTokenizer
 from simplified_slm.training.config import load_experiment_config
 
@@ -172,13 +172,13 @@ def test_mla_config_errors_name_the_field(overrides, field):
         BitNetConfig.preset("tiny", **overrides)
 
 
-# --- seed 001's training setup: JSONL train/val files, TinyLM configs --------------------
+# --- TinyLM's training setup: JSONL train/val files, TinyLM configs --------------------
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_seed_jsonl_train_and_val_files_prepare_as_separate_splits(tmp_path):
-    """Seed 001 trains from `{"text": ...}` lines in train_file / val_file."""
+    """TinyLM trains from `{"text": ...}` lines in train_file / val_file."""
     stories = gzip.open(builtin_dataset("tinystories").valid, "rt", encoding="utf-8").read().split("\n\n")[:60]
     train, val = stories[:50], stories[50:]
     for name, texts in (("train.jsonl", train), ("val.jsonl", val)):
@@ -198,7 +198,7 @@ def test_tinylm_configs_carry_the_seed_hyperparameters():
     assert seed.tokenizer.kind == "bpe" and seed.data.dataset == "tinystories"
     model = seed.model_config(seed.tokenizer.vocab_size)
     assert model.attention == "mla" and model.max_position_embeddings >= 2048
-    with torch.device("meta"):  # seed 001's 768 x 12 x 12 shape, ~90M parameters with an 8k BPE vocab
+    with torch.device("meta"):  # TinyLM's 768 x 12 x 12 shape, ~90M parameters with an 8k BPE vocab
         assert 80e6 < BitNetForCausalLM(model).num_parameters() < 110e6
     tiny = load_experiment_config(REPO / "configs" / "tinylm_tiny.json")
     assert tiny.model_config(tiny.tokenizer.vocab_size).attention == "mla" and tiny.tokenizer.kind == "bpe"

@@ -1,12 +1,12 @@
-"""hgrn_bit (seed 000's SimplifiedSLMForCausalLM): interface, cache, causality, ternary freeze."""
+"""hgrn_bit (the original reference API's SimplifiedSLMForCausalLM): interface, cache, causality, ternary freeze."""
 
 import pytest
 import torch
 
 from conftest import family_model
+from simplified_slm.layers.bitlinear import BitLinear
 from simplified_slm.layers.hgrn_bit import HGRNBitAttention
 from simplified_slm.models import CausalLM, SimplifiedSLMConfig, SimplifiedSLMForCausalLM
-from simplified_slm.ops.bitnet import BitLinear
 from simplified_slm.utils import ByteTokenizer
 
 

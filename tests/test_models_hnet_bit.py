@@ -1,4 +1,4 @@
-"""hnet_bit (seed 000's HNetBit): dynamic chunking ops, causality, cache, gradients, training."""
+"""hnet_bit (the original reference's HNetBit): dynamic chunking ops, causality, cache, gradients, training."""
 
 import json
 
@@ -7,10 +7,11 @@ import torch
 
 from conftest import REPO, tiny_experiment
 from simplified_slm.errors import SLMError
+from simplified_slm.evaluation.boundaries import boundary_report, mark_boundaries
+from simplified_slm.layers.routing import RoutingModule
 from simplified_slm.models import CausalLM, build_model, config_from_dict
-from simplified_slm.models.hnet_bit import HNetBitConfig, HNetBitForCausalLM, boundary_report, mark_boundaries
+from simplified_slm.models.hnet_bit import HNetBitConfig, HNetBitForCausalLM
 from simplified_slm.ops.dynamic_chunking import (
-    RoutingModule,
     confidence_ste,
     downsample,
     ema_dechunk,

@@ -1,4 +1,4 @@
-"""spiking (seed 003's SNN): LIF neurons against snntorch, cache, causality, the
+"""spiking (the edge framework's SNN): LIF neurons against snntorch, cache, causality, the
 `architecture` switch, firing-rate monitoring and learning on real text."""
 
 import csv

@@ -7,16 +7,16 @@ import torch
 import torch.nn.functional as F
 
 from simplified_slm.errors import SLMError
+from simplified_slm.layers.bitlinear import BitLinear
+from simplified_slm.layers.fused_norm_gate import FusedRMSNormSwishGate
 from simplified_slm.ops.activations import swiglu, swish
 from simplified_slm.ops.bitnet import (
-    BitLinear,
     activation_quant,
     activation_quant_int8,
     straight_through,
     ternary_codes,
     weight_quant,
 )
-from simplified_slm.ops.fused_norm_gate import FusedRMSNormSwishGate
 from simplified_slm.ops.packing import pack_ternary, pack_ternary_hf, unpack_ternary, unpack_ternary_hf
 
 

@@ -800,7 +800,7 @@ def test_source_never_unpickles_or_executes_user_files():
     np.load(allow_pickle=True); no shell=True: in the package, the scripts and the root
     train.py/generate.py."""
     sources = sorted(REPO.glob("src/**/*.py")) + sorted(REPO.glob("scripts/**/*.py"))
-    sources += [REPO / "train.py", REPO / "generate.py"]  # the seed's entry points users run
+    sources += [REPO / "train.py", REPO / "generate.py"]  # the original reference's entry points users run
     assert all(p.is_file() for p in sources)
     assert {p.relative_to(REPO).parts[0] for p in sources} == {"src", "scripts", "train.py", "generate.py"}
     problems, torch_loads = [], 0

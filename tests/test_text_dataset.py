@@ -1,4 +1,4 @@
-"""TextDataset (seed 002): strided windows over documents, coverage, padding, DataLoader."""
+"""TextDataset (the Llama 3.2 SLM recipe's): strided windows over documents, coverage, padding, DataLoader."""
 
 from collections import Counter
 

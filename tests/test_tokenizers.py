@@ -281,7 +281,7 @@ def test_load_errors_name_the_file(tmp_path: Path) -> None:
         load_tokenizer(tmp_path / "empty")
 
 
-# --- seed 002: SLMTokenizer.from_pretrained ----------------------------------------------
+# --- the Llama 3.2 SLM recipe: SLMTokenizer.from_pretrained ----------------------------------------------
 
 def test_slm_tokenizer_loads_every_kind_of_folder(bpe: BPETokenizer, tmp_path: Path) -> None:
     import transformers

@@ -65,7 +65,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def _load_model(path: str | None, device: str, untrained_fallback: bool = False):
     """Model + tokenizer from a checkpoint/model folder (or the newest run's best checkpoint).
 
-    With `untrained_fallback` (seed 000's `generate.py --prompt ...` without a model) and no
+    With `untrained_fallback` (the original reference's `generate.py --prompt ...` without a model) and no
     trained model anywhere, a freshly initialised byte-level SimplifiedSLM small model is
     used, with a warning, so the command runs on a fresh clone.
     """
@@ -186,7 +186,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_boundaries(args: argparse.Namespace) -> int:
-    from simplified_slm.models.hnet_bit import boundary_report
+    from simplified_slm.evaluation.boundaries import boundary_report
 
     model, tokenizer = _load_model(args.checkpoint, args.device)
     if args.text is not None:

@@ -1,4 +1,4 @@
-"""`TextDataset` (seed 002): sliding (input, target) windows with a stride over long documents.
+"""`TextDataset` (the Llama 3.2 SLM recipe's): sliding (input, target) windows with a stride over long documents.
 
 Unlike `BatchSampler`, which cuts random windows from one flat token stream, this is a
 map-style torch Dataset over documents kept apart, for DataLoader-based loops and
@@ -70,7 +70,7 @@ class TextDataset(Dataset):
     def from_texts(cls, texts: Iterable[str], tokenizer: Tokenizer | SLMTokenizer, block_size: int,
                    stride: int | None = None,
                    *, append_eos: bool = True, score_each_token_once: bool = False) -> "TextDataset":
-        """Seed 002's `TextDataset(texts, tokenizer, max_length)`: tokenize each text as one document.
+        """The Llama 3.2 SLM recipe's `TextDataset(texts, tokenizer, max_length)`: tokenize each text as one document.
 
         `tokenizer` is one of ours or an `SLMTokenizer`; EOS is appended to each document
         (when the tokenizer has one) so the model learns where documents end, and padding

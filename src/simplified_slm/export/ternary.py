@@ -1,6 +1,6 @@
 """Packed ternary checkpoints: every BitLinear weight as 2-bit codes (4 per byte) + one scale.
 
-This is what makes seed 000's "~8x memory reduction vs FP16" real: a ternary weight needs
+This is what makes the original reference's "~8x memory reduction vs FP16" real: a ternary weight needs
 log2(3) bits; we store 2. Codes and scale are stored separately (never a dequantised float
 tensor, whose re-quantisation would shrink the scale). Everything else (embeddings, norms,
 lower bounds) stays float32. Loading gives a model whose BitLinears are frozen on int8 codes
@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from simplified_slm.errors import SLMError
 from simplified_slm.models.base import CONFIG_FILE, CausalLM
 from simplified_slm.models.registry import config_from_dict, model_class
-from simplified_slm.ops.bitnet import BitLinear, ternary_codes
+from simplified_slm.layers.bitlinear import BitLinear
+from simplified_slm.ops.bitnet import ternary_codes
 from simplified_slm.ops.packing import pack_ternary, unpack_ternary
 from simplified_slm.utils.io import atomic_write, atomic_write_json
 

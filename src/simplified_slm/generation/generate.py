@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -32,17 +32,24 @@ def compiled_step(model: Any) -> Callable[..., Any]:
 
 
 @torch.no_grad()
-def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int = 100, *, greedy: bool = False,
+def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int | None = None, *, greedy: bool = False,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             repetition_penalty: float = 1.0, eos_token_id: int | None = None,
+             repetition_penalty: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
              pad_token_id: int | None = None, attention_mask: torch.Tensor | None = None,
              seed: int | None = None, use_cache: bool = True, compile: bool = False,
-             on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+             on_token: Callable[[torch.Tensor], None] | None = None,
+             max_length: int | None = None, do_sample: bool | None = None) -> torch.Tensor:
     """Return prompt + generated ids, shape (batch, prompt_len + new_len).
 
     Batched prompts of different lengths go in left-padded with `attention_mask` (1 = real
     token); each row then gets the same tokens it would get alone. Rows that emit
-    `eos_token_id` are padded with `pad_token_id` (default: eos) until all rows finish.
+    `eos_token_id` (one id or several) are padded with `pad_token_id` (default: the first
+    eos) until all rows finish. `max_new_tokens` defaults to 100.
+
+    transformers' spellings work too, so Hugging-Face-style snippets run unchanged:
+    `max_length` is the total length including the prompt (`max_new_tokens` wins when both
+    are given, as there), and `do_sample=False` means greedy. Note the defaults differ:
+    without either flag we sample (transformers decodes greedily).
     `on_token` receives each new column of ids (for streaming output). `compile=True` runs
     the one-token decode steps through `torch.compile`; the prompt runs eagerly, which also
     refreshes the weight caches the compiled step reads (BitLinear's codes and stacks). The
@@ -53,6 +60,9 @@ def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int = 100, *, 
         input_ids = input_ids.unsqueeze(0)
     if input_ids.shape[1] == 0:
         raise SLMError("the prompt is empty; give at least one token (e.g. a newline)")
+    max_new_tokens = _new_token_budget(max_new_tokens, max_length, input_ids.shape[1])
+    greedy = _greedy(greedy, do_sample)
+    eos_ids = _eos_ids(eos_token_id)
     if max_new_tokens < 0:
         raise SLMError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if top_k is not None and top_k < 1:
@@ -84,7 +94,8 @@ def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int = 100, *, 
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     cache = model.make_cache(batch, total if limit is None else min(total, limit)) if use_cache else None
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    fill = pad_token_id if pad_token_id is not None else eos_token_id
+    fill = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else None)
+    stop = None if eos_ids is None else torch.tensor(eos_ids, device=device)
     length = prompt_len
     step_model = compiled_step(model) if compile and cache is not None else model
     try:
@@ -94,14 +105,14 @@ def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int = 100, *, 
             ids = ids_buf[:, :length]
             nxt = choose_next(out.logits[:, -1], ids, greedy=greedy, temperature=temperature, top_k=top_k,
                               top_p=top_p, repetition_penalty=repetition_penalty, generator=generator)
-            if eos_token_id is not None:
+            if stop is not None:
                 nxt = torch.where(finished, torch.full_like(nxt, fill), nxt)
-                finished |= nxt == eos_token_id
+                finished |= torch.isin(nxt, stop)
             ids_buf[:, length] = nxt
             length += 1
             if on_token is not None:
                 on_token(nxt)
-            if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+            if step == max_new_tokens - 1 or (stop is not None and bool(finished.all())):
                 break
             mask = None if mask_buf is None else mask_buf[:, :length]
             if cache is not None and (limit is None or length <= limit):
@@ -112,3 +123,34 @@ def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int = 100, *, 
     finally:
         model.train(was_training)
     return ids_buf[:, :length]
+
+
+def _new_token_budget(max_new_tokens: int | None, max_length: int | None, prompt_len: int) -> int:
+    """Tokens to generate from our `max_new_tokens` or transformers' total `max_length`."""
+    if max_new_tokens is not None:
+        return max_new_tokens
+    if max_length is None:
+        return 100
+    if max_length < prompt_len:
+        raise SLMError(f"max_length {max_length} is shorter than the prompt ({prompt_len} tokens); "
+                       "max_length counts the prompt too, or pass max_new_tokens instead")
+    return max_length - prompt_len
+
+
+def _greedy(greedy: bool, do_sample: bool | None) -> bool:
+    """Our `greedy` flag, or its transformers spelling `do_sample` (its negation)."""
+    if do_sample is None:
+        return greedy
+    if greedy and do_sample:
+        raise SLMError("greedy=True and do_sample=True contradict each other; pass one of them")
+    return not do_sample
+
+
+def _eos_ids(eos_token_id: int | Sequence[int] | None) -> list[int] | None:
+    """End-of-sequence ids as a list (transformers allows one id or several)."""
+    if eos_token_id is None:
+        return None
+    ids = [int(i) for i in eos_token_id] if isinstance(eos_token_id, (list, tuple)) else [int(eos_token_id)]
+    if not ids:
+        raise SLMError("eos_token_id is an empty list; give one id, several, or None")
+    return ids

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from simplified_slm.errors import SLMError
+from simplified_slm.layers.bitlinear import sibling_projections
 from simplified_slm.layers.kv_cache import KVCache
 from simplified_slm.layers.rope import Rotary
-from simplified_slm.ops.bitnet import sibling_projections
 
 LinearFactory = Callable[..., nn.Module]
 AttnImplementation = Literal["sdpa", "eager"]

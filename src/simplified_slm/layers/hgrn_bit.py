@@ -9,6 +9,10 @@ Output gate: the MatMul-free reference computes rmsnorm(g) * swish(h); we follow
 inputs, so its scale drifts with the forget gates (large in deep layers, whose lower
 bound keeps f near 1); normalising h removes that drift before the gate, whereas
 normalising g leaves the output scale tied to the memory length.
+
+`HGRNBitStack` is what both recurrent families build on: the flat hgrn_bit model is one
+stack between its embedding and head, and every hnet_bit encoder, decoder and main
+network is one stack. The forget-gate lower bounds and the SwiGLU width live here once.
 """
 
 from __future__ import annotations
@@ -16,12 +20,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from simplified_slm.layers.bitlinear import BitLinear
+from simplified_slm.layers.fused_norm_gate import FusedRMSNormSwishGate
 from simplified_slm.layers.mlp import GatedMLP
+from simplified_slm.layers.recurrent_cache import RecurrentCache
 from simplified_slm.ops.activations import swiglu
-from simplified_slm.ops.bitnet import BitLinear
-from simplified_slm.ops.fused_norm_gate import FusedRMSNormSwishGate
 from simplified_slm.ops.hgrn import hgrn
-from simplified_slm.utils.cache import RecurrentCache
 
 
 class HGRNBitAttention(nn.Module):
@@ -71,3 +75,69 @@ class HGRNBitBlock(nn.Module):
                 attention_mask: torch.Tensor | None = None, cache: RecurrentCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), lower_bound, attention_mask, cache)
         return x + self.mlp(self.mlp_norm(x))
+
+
+def mlp_width(width: int, hidden_ratio: int) -> int:
+    """SwiGLU width of a block: 2/3 * hidden_ratio * width rounded up to a multiple of 256.
+
+    2/3 keeps a gated MLP's parameter count at that of a plain MLP of hidden_ratio * width
+    (the MatMul-free reference's choice); 256 keeps the matmuls on friendly sizes.
+    """
+    size = int(width * hidden_ratio * 2 / 3)
+    return 256 * ((size + 255) // 256)
+
+
+class HGRNBitStackParts:
+    """The parts and forward of an HGRN-Bit stack, for the module that holds them.
+
+    A mixin so that the flat hgrn_bit model can hold `layers`, `lower_bounds` and `norm`
+    under its own top-level names (the names its checkpoints use) while the hnet_bit
+    stages hold them inside `HGRNBitStack` modules; both run the same code.
+
+    Lower bounds of the forget gates (HGRN): one learned vector per layer, softmax over
+    layers, cumulative sum minus the first, so layer 0 has a bound of 0 and deeper layers
+    are forced to remember longer.
+    """
+
+    layers: nn.ModuleList
+    lower_bounds: nn.Parameter | None
+    norm: nn.RMSNorm
+
+    def build_stack(self, width: int, num_layers: int, intermediate_size: int, expand_ratio: int = 1,
+                    num_heads: int = 1, norm_eps: float = 1e-6, use_lower_bound: bool = True) -> None:
+        """Register `layers`, `lower_bounds` (None unless `use_lower_bound`) and `norm` on self."""
+        self.layers = nn.ModuleList(
+            HGRNBitBlock(width, intermediate_size, expand_ratio, num_heads, norm_eps, layer_idx=i)
+            for i in range(num_layers))
+        self.lower_bounds = (nn.Parameter(torch.zeros(num_layers, width * expand_ratio))
+                             if use_lower_bound else None)
+        self.norm = nn.RMSNorm(width, eps=norm_eps)
+
+    def layer_lower_bounds(self) -> list[torch.Tensor | None]:
+        """The forget-gate lower bound of each layer (None everywhere without bounds)."""
+        if self.lower_bounds is None:
+            return [None] * len(self.layers)
+        bounds = self.lower_bounds.softmax(0)
+        return list((bounds.cumsum(0) - bounds[0]).unbind(0))
+
+    def run_stack(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                  cache: RecurrentCache | None = None) -> torch.Tensor:
+        """Every block with its bound, then the final RMSNorm; advances `cache` by x's length."""
+        for layer, bound in zip(self.layers, self.layer_lower_bounds()):
+            x = layer(x, bound, attention_mask, cache)
+        if cache is not None:
+            cache.advance(x.shape[1])
+        return self.norm(x)
+
+
+class HGRNBitStack(HGRNBitStackParts, nn.Module):
+    """HGRN-Bit blocks with per-layer forget-gate lower bounds, then an RMSNorm."""
+
+    def __init__(self, width: int, num_layers: int, intermediate_size: int, expand_ratio: int = 1,
+                 num_heads: int = 1, norm_eps: float = 1e-6, use_lower_bound: bool = True) -> None:
+        super().__init__()
+        self.build_stack(width, num_layers, intermediate_size, expand_ratio, num_heads, norm_eps, use_lower_bound)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: RecurrentCache | None = None) -> torch.Tensor:
+        return self.run_stack(x, attention_mask, cache)

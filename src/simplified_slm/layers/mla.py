@@ -35,7 +35,7 @@ from torch import nn
 
 from simplified_slm.errors import SLMError
 from simplified_slm.layers.attention import ATTN_IMPLEMENTATIONS, AttentionBias, LinearFactory, Rotary, attend
-from simplified_slm.ops.bitnet import BitLinear, sibling_projections
+from simplified_slm.layers.bitlinear import BitLinear, sibling_projections
 
 
 @dataclasses.dataclass(frozen=True)

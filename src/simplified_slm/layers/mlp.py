@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simplified_slm.ops.bitnet import sibling_projections
+from simplified_slm.layers.bitlinear import sibling_projections
 
 LinearFactory = Callable[..., nn.Module]
 

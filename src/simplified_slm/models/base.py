@@ -45,6 +45,18 @@ def shifted_labels_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return next_token_loss(logits[:, :-1], labels[:, 1:])
 
 
+def normal_init(model: nn.Module, std: float) -> None:
+    """Normal(0, std) for every Linear/Embedding weight (BitLinear's latent weights included),
+    zero Linear biases: the GPT-2/Llama init every family starts from. Norm weights keep
+    their construction values (ones, zero biases)."""
+    def init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight is not None:
+            nn.init.normal_(module.weight, 0.0, std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+    model.apply(init)
+
+
 def positions_from_mask(attention_mask: torch.Tensor | None, past_len: int, q_len: int,
                         device: torch.device) -> torch.Tensor:
     """Position of each new token: its index among the real (unpadded) tokens so far.
@@ -80,14 +92,13 @@ class CausalLM(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def init_weights(self, std: float) -> None:
-        """Normal(0, std) for every Linear/Embedding weight, zero biases (the GPT-2/Llama init)."""
-        def init(module: nn.Module) -> None:
-            if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight is not None:
-                nn.init.normal_(module.weight, 0.0, std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-        self.apply(init)
+    def init_weights(self) -> None:
+        """Give every parameter its initial value; each family's docstring has its table.
+
+        Called once at the end of `__init__` (before tying embeddings), so the same seed
+        gives the same initial weights.
+        """
+        raise NotImplementedError
 
     @torch.no_grad()
     def freeze_ternary(self, int8: bool = False) -> "CausalLM":
@@ -96,7 +107,7 @@ class CausalLM(nn.Module):
         `int8=True` runs the frozen layers as integer matmuls; families without BitLinear
         layers are returned unchanged.
         """
-        from simplified_slm.ops.bitnet import BitLinear
+        from simplified_slm.layers.bitlinear import BitLinear
 
         for module in self.modules():
             if isinstance(module, BitLinear):
@@ -122,8 +133,10 @@ class CausalLM(nn.Module):
                            f"{self.config.vocab_size}; the tokenizer and model do not match")
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 100, **kwargs: Any) -> torch.Tensor:
-        """Prompt + continuation ids; see `simplified_slm.generation.generate` for options."""
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int | None = None, **kwargs: Any) -> torch.Tensor:
+        """Prompt + continuation ids; see `simplified_slm.generation.generate` for options
+        (ours and transformers' spellings: `max_length`, `do_sample`, `pad_token_id`,
+        `eos_token_id`)."""
         from simplified_slm.generation.generate import generate  # generation sits above models
 
         return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)

@@ -1,4 +1,4 @@
-"""`bitnet`: seed 001's TinyLM, a BitNet b1.58 transformer.
+"""`bitnet`: the TinyLM design, a BitNet b1.58 transformer.
 
 The Llama decoder with every projection a BitLinear (ternary absmean weights, per-token
 8-bit activations, STE; no biases anywhere), SubLN (an RMSNorm on the merged attention
@@ -7,7 +7,7 @@ transformers' BitNetForCausalLM), RoPE, GQA, SwiGLU or squared-ReLU FFN. The qua
 are the project's only ones (`ops/bitnet.py`); the block is the Llama block with
 BitLinear injected, so there is one attention and one MLP implementation.
 
-`attention: "mla"` swaps the attention for the seed's multi-head latent attention
+`attention: "mla"` swaps the attention for TinyLM's multi-head latent attention
 (`layers/mla.py`): every projection still a BitLinear, SubLN still before o_proj, RoPE on
 the shared rope key only, and a generation cache of one latent per token and layer.
 """
@@ -21,11 +21,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from simplified_slm.layers.bitlinear import BitLinear
 from simplified_slm.layers.kv_cache import KVCache
 from simplified_slm.layers.mla import MLACache, MLADims, MultiHeadLatentAttention
 from simplified_slm.layers.rope import RotaryEmbedding
 from simplified_slm.models.llama import LlamaBlock, LlamaConfig, LlamaForCausalLM
-from simplified_slm.ops.bitnet import BitLinear
 
 _MLA_FIELDS = ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 
@@ -39,10 +39,10 @@ class BitNetConfig(LlamaConfig):
         "tiny-mla": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                          max_position_embeddings=256, attention="mla", kv_lora_rank=32, q_lora_rank=48,
                          qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16),
-        # seed 001's usage example: 768 wide, 12 layers, 12 heads, context 2048
+        # TinyLM's usage example: 768 wide, 12 layers, 12 heads, context 2048
         "tinylm": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                        num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=2048),
-        # the same with the seed's multi-head latent attention (DeepSeek-V2 ratios: latent
+        # the same with TinyLM's multi-head latent attention (DeepSeek-V2 ratios: latent
         # 4 head dims wide, rope key half a head dim)
         "tinylm-mla": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                            num_attention_heads=12, max_position_embeddings=2048, attention="mla"),

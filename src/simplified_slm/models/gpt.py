@@ -1,4 +1,4 @@
-"""`gpt`: seed 004's decoder-only transformer (learned positions, pre-LayerNorm, GELU MLP).
+"""`gpt`: the experimental-SLM decoder-only transformer (learned positions, pre-LayerNorm, GELU MLP).
 
 Also the GPT-2 / nanoGPT architecture, so `export/` can write it as GPT2LMHeadModel.
 """
@@ -16,7 +16,7 @@ from simplified_slm.layers.attention import CausalSelfAttention, attention_bias
 from simplified_slm.layers.kv_cache import KVCache
 from simplified_slm.layers.mlp import GeluMLP
 from simplified_slm.layers.norms import make_norm
-from simplified_slm.models.base import CausalLM, CausalLMOutput, positions_from_mask, shifted_labels_loss
+from simplified_slm.models.base import CausalLM, CausalLMOutput, normal_init, positions_from_mask, shifted_labels_loss
 from simplified_slm.models.config import ModelConfig
 from simplified_slm.errors import SLMError
 
@@ -25,7 +25,7 @@ from simplified_slm.errors import SLMError
 class GPTConfig(ModelConfig):
     family: ClassVar[str] = "gpt"
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        # seed 004's default: 4 layers x 256 wide, 4 heads, context 256
+        # the experimental-SLM default: 4 layers x 256 wide, 4 heads, context 256
         "small": dict(n_layers=4, d_model=256, n_heads=4, context_length=256),
         "base": dict(n_layers=6, d_model=384, n_heads=6, context_length=256),
         "large": dict(n_layers=12, d_model=768, n_heads=12, context_length=1024),
@@ -103,14 +103,28 @@ class GPTForCausalLM(CausalLM):
         self.layers = nn.ModuleList(GPTBlock(config) for _ in range(config.n_layers))
         self.norm = make_norm("layernorm", config.d_model, config.norm_eps, bias=config.bias)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.init_weights(config.init_std)
-        # GPT-2: scale residual projections by 1/sqrt(2 * layers) so the residual stream's
-        # variance does not grow with depth.
-        for name, param in self.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(param, 0.0, config.init_std / math.sqrt(2 * config.n_layers))
+        self.init_weights()
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def init_weights(self) -> None:
+        """GPT-2's init (std = `init_std`, L = `n_layers`):
+
+        | parameters                                   | initial value           |
+        |----------------------------------------------|-------------------------|
+        | token and position embeddings, q/k/v, up, lm_head | normal(0, std)     |
+        | o_proj, down_proj (residual projections)     | normal(0, std / sqrt(2L)) |
+        | linear biases                                | 0                       |
+        | LayerNorm weight / bias                      | 1 / 0                   |
+
+        The residual projections are scaled so the residual stream's variance does not grow
+        with depth. A tied lm_head is the token embedding.
+        """
+        std = self.config.init_std
+        normal_init(self, std)
+        for name, param in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(param, 0.0, std / math.sqrt(2 * self.config.n_layers))
 
     @property
     def max_context(self) -> int:

@@ -1,4 +1,4 @@
-"""`hgrn_bit`: seed 000's MatMul-free flat model (SimplifiedSLMForCausalLM).
+"""`hgrn_bit`: the flat MatMul-free model of the original reference API (SimplifiedSLMForCausalLM).
 
 Embedding -> N x HGRNBitBlock -> RMSNorm -> BitLinear LM head, byte vocabulary by default.
 Every linear layer is ternary; the token mixer is a linear recurrence, so the model has no
@@ -13,17 +13,17 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from simplified_slm.layers.hgrn_bit import HGRNBitBlock
-from simplified_slm.models.base import CausalLM, CausalLMOutput, shifted_labels_loss
+from simplified_slm.layers.bitlinear import BitLinear
+from simplified_slm.layers.hgrn_bit import HGRNBitStackParts, mlp_width
+from simplified_slm.layers.recurrent_cache import RecurrentCache
+from simplified_slm.models.base import CausalLM, CausalLMOutput, normal_init, shifted_labels_loss
 from simplified_slm.models.config import ModelConfig
-from simplified_slm.ops.bitnet import BitLinear
-from simplified_slm.utils.cache import RecurrentCache
 
 
 @dataclasses.dataclass
 class SimplifiedSLMConfig(ModelConfig):
     family: ClassVar[str] = "hgrn_bit"
-    # seed 000's table: hidden x layers; hidden_ratio 4 as in the MatMul-free reference
+    # the original reference API's sizes: hidden x layers; hidden_ratio 4 as in the MatMul-free reference
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "small": dict(hidden_size=256, num_hidden_layers=4),
         "base": dict(hidden_size=512, num_hidden_layers=6),
@@ -57,52 +57,50 @@ class SimplifiedSLMConfig(ModelConfig):
     def mlp_size(self) -> int:
         if self.intermediate_size is not None:
             return self.intermediate_size
-        size = int(self.hidden_size * self.hidden_ratio * 2 / 3)
-        return 256 * ((size + 255) // 256)
+        return mlp_width(self.hidden_size, self.hidden_ratio)
 
 
-class SimplifiedSLMForCausalLM(CausalLM):
+class SimplifiedSLMForCausalLM(HGRNBitStackParts, CausalLM):
+    """Embedding -> one HGRN-Bit stack (its parts under top-level names) -> BitLinear head."""
+
     config_class = SimplifiedSLMConfig
 
     def __init__(self, config: SimplifiedSLMConfig) -> None:
         super().__init__(config)
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            HGRNBitBlock(config.hidden_size, config.mlp_size, config.expand_ratio, config.num_heads,
-                         config.rms_norm_eps, layer_idx=i)
-            for i in range(config.num_hidden_layers))
-        # Lower bounds of the forget gates: softmax over layers, cumulative sum minus the
-        # first, so layer 0 has none and deeper layers are forced to remember longer.
-        self.lower_bounds = (nn.Parameter(torch.zeros(config.num_hidden_layers,
-                                                      config.hidden_size * config.expand_ratio))
-                             if config.use_lower_bound else None)
-        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.build_stack(config.hidden_size, config.num_hidden_layers, config.mlp_size, config.expand_ratio,
+                         config.num_heads, config.rms_norm_eps, config.use_lower_bound)
         self.lm_head = BitLinear(config.hidden_size, config.vocab_size)
-        self.init_weights(config.initializer_range)
+        self.init_weights()
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embeddings.weight
 
+    def init_weights(self) -> None:
+        """The MatMul-free reference's init (std = `initializer_range`):
+
+        | parameters                                         | initial value  |
+        |----------------------------------------------------|----------------|
+        | embeddings, every BitLinear's latent float weight  | normal(0, std) |
+        | forget-gate lower bounds                           | 0              |
+        | RMSNorm weights (blocks, BitLinear inputs, g_norm) | 1              |
+
+        Zero lower bounds make the softmax over layers uniform, so the bounds start at
+        0, 1/L, ..., (L-1)/L. A tied lm_head is the embedding.
+        """
+        normal_init(self, self.config.initializer_range)
+        if self.lower_bounds is not None:
+            nn.init.zeros_(self.lower_bounds)
+
     def make_cache(self, batch_size: int, max_length: int) -> RecurrentCache:
         return RecurrentCache(self.config.num_hidden_layers)
-
-    def layer_lower_bounds(self) -> list[torch.Tensor | None]:
-        if self.lower_bounds is None:
-            return [None] * self.config.num_hidden_layers
-        bounds = self.lower_bounds.softmax(0)
-        bounds = bounds.cumsum(0) - bounds[0]
-        return list(bounds.unbind(0))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, cache: RecurrentCache | None = None,
                 use_cache: bool = False) -> CausalLMOutput:
         if use_cache and cache is None:
             cache = self.make_cache(input_ids.shape[0], 0)
-        x = self.embeddings(input_ids)
-        for layer, bound in zip(self.layers, self.layer_lower_bounds()):
-            x = layer(x, bound, attention_mask, cache)
-        if cache is not None:
-            cache.advance(input_ids.shape[1])
-        logits = self.lm_head(self.norm(x))
+        hidden = self.run_stack(self.embeddings(input_ids), attention_mask, cache)
+        logits = self.lm_head(hidden)
         loss = shifted_labels_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss, cache=cache)
 

@@ -1,4 +1,4 @@
-"""`hnet_bit`: seed 000's hierarchical MatMul-free model (H-Net with HGRN-Bit stacks).
+"""`hnet_bit`: the hierarchical MatMul-free model (H-Net with HGRN-Bit stacks).
 
 H-Net (Hwang, Wang & Gu 2025, "Dynamic Chunking for End-to-End Hierarchical Sequence
 Modeling") with every sequence mixer an HGRN-Bit stack (ternary BitLinear + linear
@@ -15,7 +15,7 @@ The model is embedding (bytes) → stage 0 → BitLinear LM head. Two stages nes
 stage as stage 0's inner network. Widths grow inward as in the paper: the chunk vectors are
 concatenated with a learned pad vector (zero-initialised) up to the next width and the
 inner output is sliced back. The routing projections and the residual projection are
-float `nn.Linear` (identity / zero initialisation, see `ops/dynamic_chunking.py`); every
+float `nn.Linear` (identity / zero initialisation, see `layers/routing.py`); every
 other linear layer is a ternary BitLinear.
 
 `aux_loss` = ratio_loss_weight × Σ_s ratio_loss_s (already weighted). After each full
@@ -24,7 +24,7 @@ and `model.last_routing` the detached routing of each stage.
 
 Padding: `attention_mask` may left-pad (generation) or right-pad; each row then gets the
 result it gets alone (up to float rounding). Masks with holes are not supported.
-Decoding with `HNetBitCache` costs O(1) amortised per byte; see `utils/hnet_cache.py`.
+Decoding with `HNetBitCache` costs O(1) amortised per byte; see `layers/hnet_cache.py`.
 """
 
 from __future__ import annotations
@@ -38,12 +38,13 @@ from torch import nn
 
 from simplified_slm import metric_names as M
 from simplified_slm.errors import SLMError
-from simplified_slm.layers.hgrn_bit import HGRNBitBlock
-from simplified_slm.models.base import CausalLM, CausalLMOutput, shifted_labels_loss
+from simplified_slm.layers.bitlinear import BitLinear
+from simplified_slm.layers.hgrn_bit import HGRNBitStack, mlp_width
+from simplified_slm.layers.hnet_cache import HNetBitCache, put_rows, take_rows
+from simplified_slm.layers.routing import RoutingModule
+from simplified_slm.models.base import CausalLM, CausalLMOutput, normal_init, shifted_labels_loss
 from simplified_slm.models.config import ModelConfig
-from simplified_slm.ops.bitnet import BitLinear
 from simplified_slm.ops.dynamic_chunking import (
-    RoutingModule,
     confidence_ste,
     downsample,
     ema_dechunk,
@@ -51,8 +52,6 @@ from simplified_slm.ops.dynamic_chunking import (
     ratio_loss,
     upsample,
 )
-from simplified_slm.utils.cache import RecurrentCache
-from simplified_slm.utils.hnet_cache import HNetBitCache, put_rows, take_rows
 
 
 def _list(*values: Any) -> Any:
@@ -70,24 +69,10 @@ class HNetBitConfig(ModelConfig):
 
     router_bias_init (β): initial entries of a learned vector added to each router's input
     (`RoutingModule`), so that training starts with few boundaries (p ≈ 1/4 instead of
-    ≈ 1/2). Why: boundary decisions get gradient only where a boundary already is (the
-    confidence STE and the EMA reinforce whatever was chosen and never ask "would a
-    boundary here help?"), so the routing is settled while the ratio loss drives F to
-    1/N, and that loss moves all p_t alike: its pull on the router's shared weights is
-    strongest for the most frequent byte pairs, the ones with a space. Starting at
-    p ≈ 1/2 (F ≈ 1/2; consecutive HGRN-Bit encoder outputs are nearly orthogonal at
-    initialisation), the loss pushes p *down* and spaces and word starts lose their
-    boundaries first: after training, fewer boundaries at word starts than chance, on
-    byte identity ('.', ',', vowels). Starting below 1/N, it pushes p *up* and word starts
-    are selected first and kept (1stage preset, configs/training_1stage_tinystories.json,
-    400 steps: ~89% of boundaries at a space or word start, chance ~40%; without the bias
-    ~18% after 150 steps, ~30% after 1100). The bias is learned like any other weight. 0
-    (no bias, the paper's router) is the dataclass default so configs saved before the
-    field existed load unchanged; the 1stage preset uses 1. It only helps where 1/N is at
-    most the rate of word starts (TinyStories: one per 5.0 bytes): with 2stage's N = 3 the
-    outer router must select more than the word starts, overshoots and the ratio loss
-    then removes the space boundaries again (18% at word starts after 150 steps), so
-    2stage keeps the paper's router.
+    ≈ 1/2) and the ratio loss raises p, selecting word starts first. 0 (the paper's router)
+    is the default, so configs saved before the field existed load unchanged; the 1stage
+    preset uses 1. Why and when it helps: docs/ARCHITECTURE.md, "Departure from the
+    paper's router"; the measurements behind it: docs/NOTES.md.
 
     Presets against the flat baseline (multiply-accumulates per byte counted over every
     weight matrix, each level weighted by its share of positions at the target ratios):
@@ -130,11 +115,6 @@ class HNetBitConfig(ModelConfig):
     def num_stages(self) -> int:
         return len(self.encoder_layers)
 
-    def mlp_size(self, width: int) -> int:
-        """SwiGLU width of a block at `width`: 2/3 * hidden_ratio * width, rounded up to 256."""
-        size = int(width * self.hidden_ratio * 2 / 3)
-        return 256 * ((size + 255) // 256)
-
     def validate(self) -> None:
         super().validate()
         stages = self.num_stages
@@ -167,31 +147,11 @@ class HNetBitConfig(ModelConfig):
                                         f"({self.num_heads})")
 
 
-class HGRNBitStack(nn.Module):
-    """HGRN-Bit blocks with per-layer forget-gate lower bounds, then an RMSNorm."""
-
-    def __init__(self, width: int, num_layers: int, config: HNetBitConfig) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(
-            HGRNBitBlock(width, config.mlp_size(width), config.expand_ratio, config.num_heads,
-                         config.rms_norm_eps, layer_idx=i) for i in range(num_layers))
-        # as in the flat model; one layer would have a constant zero bound, so none
-        self.lower_bounds = (nn.Parameter(torch.zeros(num_layers, width * config.expand_ratio))
-                             if config.use_lower_bound and num_layers > 1 else None)
-        self.norm = nn.RMSNorm(width, eps=config.rms_norm_eps)
-
-    def bounds(self) -> list[torch.Tensor | None]:
-        if self.lower_bounds is None:
-            return [None] * len(self.layers)
-        b = self.lower_bounds.softmax(0)
-        return list((b.cumsum(0) - b[0]).unbind(0))
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: RecurrentCache | None) -> torch.Tensor:
-        for layer, bound in zip(self.layers, self.bounds()):
-            x = layer(x, bound, mask, cache)
-        if cache is not None:
-            cache.advance(x.shape[1])
-        return self.norm(x)
+def _stack(config: HNetBitConfig, width: int, num_layers: int) -> HGRNBitStack:
+    """An HGRN-Bit stack of `config` at `width`; a single layer gets no forget-gate lower
+    bound (its bound would be the constant 0)."""
+    return HGRNBitStack(width, num_layers, mlp_width(width, config.hidden_ratio), config.expand_ratio,
+                        config.num_heads, config.rms_norm_eps, config.use_lower_bound and num_layers > 1)
 
 
 @dataclass
@@ -212,25 +172,15 @@ class HNetStage(nn.Module):
         self.width = config.d_model[level]
         self.is_main = level == config.num_stages
         if self.is_main:
-            self.main = HGRNBitStack(self.width, config.main_layers, config)
+            self.main = _stack(config, self.width, config.main_layers)
             return
         inner_width = config.d_model[level + 1]
-        self.encoder = HGRNBitStack(self.width, config.encoder_layers[level], config)
+        self.encoder = _stack(config, self.width, config.encoder_layers[level])
         self.router = RoutingModule(self.width, config.router_bias_init)
         self.pad = nn.Parameter(torch.zeros(inner_width - self.width)) if inner_width > self.width else None
         self.inner = HNetStage(config, level + 1)
         self.residual_proj = nn.Linear(self.width, self.width, bias=False)
-        self.decoder = HGRNBitStack(self.width, config.decoder_layers[level], config)
-
-    def reset_special_parameters(self) -> None:
-        """Identity router, zero residual projection and pad (after the generic init)."""
-        if self.is_main:
-            return
-        self.router.reset_parameters()
-        nn.init.zeros_(self.residual_proj.weight)
-        if self.pad is not None:
-            nn.init.zeros_(self.pad)
-        self.inner.reset_special_parameters()
+        self.decoder = _stack(config, self.width, config.decoder_layers[level])
 
     def _widen(self, x: torch.Tensor) -> torch.Tensor:
         if self.pad is None:
@@ -314,10 +264,35 @@ class HNetBitForCausalLM(CausalLM):
         self.embeddings = nn.Embedding(config.vocab_size, width)
         self.stage = HNetStage(config, 0)
         self.lm_head = BitLinear(width, config.vocab_size)
-        self.init_weights(config.initializer_range)
-        self.stage.reset_special_parameters()
+        self.init_weights()
         self.last_routing: list[StageRouting | None] = []
         self._compression: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def init_weights(self) -> None:
+        """H-Net's init (std = `initializer_range`):
+
+        | parameters                                          | initial value          |
+        |-----------------------------------------------------|------------------------|
+        | embeddings, every BitLinear's latent float weight   | normal(0, std)         |
+        | router q/k projections                              | identity               |
+        | router input bias (`router_bias_init` β, if any)    | β                      |
+        | residual projection, width pad vector               | 0                      |
+        | forget-gate lower bounds                            | 0                      |
+        | RMSNorm weights                                     | 1                      |
+
+        Identity routers make p_t the dissimilarity of consecutive encoder outputs, and the
+        zero residual projection starts every stage's output as the dechunked inner output
+        (the paper's choices); see `layers/routing.py` and `HNetBitConfig.router_bias_init`.
+        """
+        normal_init(self, self.config.initializer_range)
+        for module in self.modules():
+            if isinstance(module, HGRNBitStack) and module.lower_bounds is not None:
+                nn.init.zeros_(module.lower_bounds)
+            if isinstance(module, HNetStage) and not module.is_main:
+                module.router.reset_parameters()
+                nn.init.zeros_(module.residual_proj.weight)
+                if module.pad is not None:
+                    nn.init.zeros_(module.pad)
 
     def make_cache(self, batch_size: int, max_length: int) -> HNetBitCache:
         c = self.config
@@ -380,86 +355,3 @@ class HNetBitForCausalLM(CausalLM):
         logits = self.lm_head(hidden)
         loss = shifted_labels_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux_loss, cache=cache)
-
-
-
-# ----------------------------------------------------------------- boundary printer
-@dataclass
-class BoundaryReport:
-    marked: str              # the text with "|" before every stage-0 boundary (except the first byte)
-    num_tokens: int
-    num_boundaries: int      # including the forced boundary at the first token
-    word_start_fraction: float  # of the boundaries after the first: at a space or a word start
-    chance_fraction: float      # of all positions after the first: at a space or a word start,
-    # i.e. what boundaries placed without regard to the text would score on this text
-
-    @property
-    def tokens_per_chunk(self) -> float:
-        return self.num_tokens / max(self.num_boundaries, 1)
-
-    def summary(self) -> str:
-        return (f"{self.num_boundaries} boundaries in {self.num_tokens} tokens "
-                f"({self.tokens_per_chunk:.2f} per chunk); {100 * self.word_start_fraction:.1f}% "
-                f"at a space or word start (chance on this text: {100 * self.chance_fraction:.1f}%)")
-
-
-def _is_space(byte: int) -> bool:
-    return chr(byte).isspace() if byte < 128 else False
-
-
-@torch.no_grad()
-def boundary_report(model: HNetBitForCausalLM, tokenizer: Any, text: str) -> BoundaryReport:
-    """Run `text` through the model and report stage 0's boundaries."""
-    ids = tokenizer.encode_ids(text)
-    if not ids:
-        raise SLMError("the text is empty; give at least one character to chunk")
-    if not isinstance(model, HNetBitForCausalLM):
-        raise SLMError(f"boundaries need an hnet_bit model, got family '{model.config.family}'")
-    was_training = model.training
-    model.eval()
-    try:
-        model(torch.tensor([ids], device=model.device))
-    finally:
-        model.train(was_training)
-    marks = model.last_routing[0].boundary[0].tolist()
-    # bytes of every token (byte tokenizer: the id; others: the token's decoded text)
-    pieces: list[bytes] = ([bytes([i]) for i in ids] if getattr(tokenizer, "kind", None) == "byte"
-                           else [tokenizer.decode([i]).encode("utf-8") for i in ids])
-    data = b"".join(pieces)
-    starts, offset = [], 0
-    for piece in pieces:
-        starts.append(offset)
-        offset += len(piece)
-    cuts: set[int] = set()
-    at_word = word_edges = 0
-    for t in range(1, len(ids)):
-        this, prev = pieces[t], pieces[t - 1]
-        on_edge = bool((this and _is_space(this[0])) or (prev and _is_space(prev[-1])))
-        word_edges += on_edge
-        if not marks[t]:
-            continue
-        pos = starts[t]
-        while 0 < pos < len(data) and (data[pos] & 0xC0) == 0x80:  # never split a UTF-8 character
-            pos -= 1
-        if pos > 0:
-            cuts.add(pos)
-        at_word += on_edge
-    out = bytearray()
-    for pos, byte in enumerate(data):
-        if pos in cuts:
-            out += b"|"
-        out.append(byte)
-    later = sum(marks[1:])
-    return BoundaryReport(out.decode("utf-8", errors="replace"), len(ids), sum(marks),
-                          at_word / later if later else 0.0,
-                          word_edges / (len(ids) - 1) if len(ids) > 1 else 0.0)
-
-
-def mark_boundaries(model: HNetBitForCausalLM, tokenizer: Any, text: str) -> str:
-    """The text with '|' before each stage-0 boundary, then a line with the boundary
-    count, tokens per chunk and the fraction of boundaries at a space or word start.
-
-    Use `boundary_report` for the numbers themselves.
-    """
-    report = boundary_report(model, tokenizer, text)
-    return f"{report.marked}\n{report.summary()}"

@@ -24,7 +24,7 @@ from simplified_slm.layers.attention import AttentionBias, AttnImplementation, C
 from simplified_slm.layers.kv_cache import KVCache
 from simplified_slm.layers.mlp import GatedMLP
 from simplified_slm.layers.rope import RotaryEmbedding, validate_rope_scaling
-from simplified_slm.models.base import CausalLM, CausalLMOutput, positions_from_mask, shifted_labels_loss
+from simplified_slm.models.base import CausalLM, CausalLMOutput, normal_init, positions_from_mask, shifted_labels_loss
 from simplified_slm.models.config import ModelConfig
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -183,9 +183,23 @@ class LlamaForCausalLM(CausalLM):
                                       config.max_position_embeddings)
         self._windows = config.layer_windows
         self._window_groups = [(w, self._windows.index(w)) for w in dict.fromkeys(self._windows)]
-        self.init_weights(config.initializer_range)
+        self.init_weights()
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def init_weights(self) -> None:
+        """transformers' Llama init (std = `initializer_range`), also the `bitnet` family's:
+
+        | parameters                                          | initial value  |
+        |-----------------------------------------------------|----------------|
+        | embed_tokens, every projection, lm_head             | normal(0, std) |
+        | (bitnet: BitLinear latent float weights, MLA's too) | normal(0, std) |
+        | attention biases (`attention_bias`)                 | 0              |
+        | RMSNorm weights (bitnet's SubLN and MLA norms too)  | 1              |
+
+        A tied lm_head is the token embedding.
+        """
+        normal_init(self, self.config.initializer_range)
 
     def make_block(self, config: LlamaConfig) -> nn.Module:
         return LlamaBlock(config)

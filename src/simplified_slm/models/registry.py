@@ -3,7 +3,7 @@
 Families register here explicitly (no import-time magic) so `config_from_dict` can give a
 clear error listing the families that exist.
 
-Seed 003's "hybrid engine" is the `architecture` key of a model mapping: "transformer"
+The edge framework's "hybrid engine" is the `architecture` key of a model mapping: "transformer"
 (default) builds the named family, "snn" builds the `spiking` family with the sizes the
 two share, so a config switches between them by that one field.
 """

@@ -1,4 +1,4 @@
-"""`spiking`: a SpikeGPT-style spiking language model (seed 003's SNN variant).
+"""`spiking`: a SpikeGPT-style spiking language model (the edge framework's SNN variant).
 
 Embedding -> LayerNorm -> N x SpikingBlock -> LayerNorm -> LM head. Each block is
 SpikeGPT's (Zhu et al., 2023):
@@ -33,10 +33,10 @@ import torch
 from torch import nn
 
 from simplified_slm.layers.lif import LIF, LIFBackend, ResetMechanism, Surrogate
-from simplified_slm.models.base import CausalLM, CausalLMOutput, shifted_labels_loss
+from simplified_slm.layers.recurrent_cache import RecurrentCache
+from simplified_slm.models.base import CausalLM, CausalLMOutput, normal_init, shifted_labels_loss
 from simplified_slm.models.config import ModelConfig
 from simplified_slm.ops.hgrn import fused_recurrent_hgrn
-from simplified_slm.utils.cache import RecurrentCache
 
 # order of the per-layer states stacked in the cache
 _STATES = ("time_shift", "recurrence", "time_mem", "channel_shift", "channel_mem")
@@ -108,13 +108,12 @@ def _mix_ramp(hidden_size: int, exponent: float) -> torch.Tensor:
 class TimeMix(nn.Module):
     """Token mixer: token shift, gated linear recurrence of values, receptance gate."""
 
-    def __init__(self, hidden_size: int, layer_idx: int, num_layers: int) -> None:
+    def __init__(self, hidden_size: int) -> None:
         super().__init__()
-        depth = layer_idx / max(1, num_layers - 1)  # 0 at the first layer, 1 at the last
-        rest = 1.0 - layer_idx / num_layers  # 1 at the first layer, -> 0
-        self.mix_k = nn.Parameter(_mix_ramp(hidden_size, rest))
-        self.mix_v = nn.Parameter(_mix_ramp(hidden_size, rest) + 0.3 * depth)
-        self.mix_r = nn.Parameter(_mix_ramp(hidden_size, 0.5 * rest))
+        # token-shift mixes: set by `SpikingForCausalLM.init_weights` (they depend on depth)
+        self.mix_k = nn.Parameter(torch.empty(hidden_size))
+        self.mix_v = nn.Parameter(torch.empty(hidden_size))
+        self.mix_r = nn.Parameter(torch.empty(hidden_size))
         self.forget = nn.Linear(hidden_size, hidden_size, bias=False)
         self.value = nn.Linear(hidden_size, hidden_size, bias=False)
         self.receptance = nn.Linear(hidden_size, hidden_size, bias=False)
@@ -133,11 +132,10 @@ class TimeMix(nn.Module):
 class ChannelMix(nn.Module):
     """RWKV's channel mixer: sigmoid(r) * W_v relu(W_k x)^2, inputs token-shifted."""
 
-    def __init__(self, hidden_size: int, channel_size: int, layer_idx: int, num_layers: int) -> None:
+    def __init__(self, hidden_size: int, channel_size: int) -> None:
         super().__init__()
-        rest = 1.0 - layer_idx / num_layers
-        self.mix_k = nn.Parameter(_mix_ramp(hidden_size, rest))
-        self.mix_r = nn.Parameter(_mix_ramp(hidden_size, rest))
+        self.mix_k = nn.Parameter(torch.empty(hidden_size))  # set by `SpikingForCausalLM.init_weights`
+        self.mix_r = nn.Parameter(torch.empty(hidden_size))
         self.key = nn.Linear(hidden_size, channel_size, bias=False)
         self.value = nn.Linear(channel_size, hidden_size, bias=False)
         self.receptance = nn.Linear(hidden_size, hidden_size, bias=False)
@@ -154,14 +152,14 @@ class SpikingBlock(nn.Module):
     def __init__(self, config: SpikingConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        hidden, layers = config.hidden_size, config.num_hidden_layers
+        hidden = config.hidden_size
         lif = dict(beta=config.lif_beta, threshold=config.lif_threshold, surrogate=config.surrogate,
                    slope=config.surrogate_slope, reset_mechanism=config.reset_mechanism, backend=config.lif_backend)
         self.time_norm = nn.LayerNorm(hidden, eps=config.norm_eps)
-        self.time_mix = TimeMix(hidden, layer_idx, layers)
+        self.time_mix = TimeMix(hidden)
         self.time_lif = LIF(**lif)
         self.channel_norm = nn.LayerNorm(hidden, eps=config.norm_eps)
-        self.channel_mix = ChannelMix(hidden, config.channel_size, layer_idx, layers)
+        self.channel_mix = ChannelMix(hidden, config.channel_size)
         self.channel_lif = LIF(**lif)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -198,9 +196,36 @@ class SpikingForCausalLM(CausalLM):
         self.layers = nn.ModuleList(SpikingBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.init_weights(config.initializer_range)
+        self.init_weights()
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """SpikeGPT / RWKV's init (std = `initializer_range`; layer l of L, C channels,
+        ramp(e) = (c / C) ** e for channel c, rest = 1 - l / L, depth = l / max(1, L - 1)):
+
+        | parameters                                        | initial value             |
+        |---------------------------------------------------|---------------------------|
+        | embed_tokens, every mixer projection, lm_head     | normal(0, std)            |
+        | time mix: mix_k / mix_v / mix_r                   | ramp(rest) / ramp(rest) + 0.3 depth / ramp(rest / 2) |
+        | channel mix: mix_k / mix_r                        | ramp(rest)                |
+        | LayerNorm weight / bias                           | 1 / 0                     |
+
+        The ramps let early layers lean on the previous token and later ones on the current
+        token. A tied lm_head is the token embedding.
+        """
+        normal_init(self, self.config.initializer_range)
+        hidden, num_layers = self.config.hidden_size, self.config.num_hidden_layers
+        for layer_idx, block in enumerate(self.layers):
+            depth = layer_idx / max(1, num_layers - 1)  # 0 at the first layer, 1 at the last
+            rest = 1.0 - layer_idx / num_layers  # 1 at the first layer, -> 0
+            time, channel = block.time_mix, block.channel_mix
+            time.mix_k.copy_(_mix_ramp(hidden, rest))
+            time.mix_v.copy_(_mix_ramp(hidden, rest) + 0.3 * depth)
+            time.mix_r.copy_(_mix_ramp(hidden, 0.5 * rest))
+            channel.mix_k.copy_(_mix_ramp(hidden, rest))
+            channel.mix_r.copy_(_mix_ramp(hidden, rest))
 
     def make_cache(self, batch_size: int, max_length: int) -> RecurrentCache:
         return RecurrentCache(self.config.num_hidden_layers)

@@ -12,8 +12,8 @@ Modeling", section 2.2:
   initialisation (p_t = dissimilarity of consecutive encoder outputs) is not representable
   by BitLinear's input RMSNorm + absmean scale. It is 2 d^2 weights per stage, a small
   fraction of the model; the cosine is computed in (at least) float32, outside autocast.
-  Optionally (`bias_init`, the hnet_bit 1stage preset) a learned vector is added to the
-  router's input, so that training starts with few boundaries (`RoutingModule`).
+  The projections live in `layers/routing.py::RoutingModule`; `route` turns their
+  normalised outputs into probabilities and boundaries.
 - downsample: the boundary positions of every row, gathered into a padded tensor.
 - dechunk: EMA over chunks z̄_k = P_k ẑ_k + (1 - P_k) z̄_{k-1}, P clamped to
   [1e-4, 1 - 1e-4], run with the project's HGRN scan (f = 1 - P, i = P ẑ), then upsampled
@@ -42,7 +42,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from simplified_slm.ops.hgrn import hgrn
 
@@ -62,60 +61,28 @@ class Chunks(NamedTuple):
     slot: torch.Tensor      # (B, T) long, chunk slot each position belongs to
 
 
-class RoutingModule(nn.Module):
-    """Cosine-similarity boundary predictor with identity-initialised float q/k projections.
+def route(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None,
+          prev_key: torch.Tensor | None = None) -> Routing:
+    """Boundary probabilities p_t = (1 - cos(q_t, k_{t-1})) / 2 from unit-norm q, k (B, T, D).
 
-    `bias_init` (β, default 0: no bias) adds a learned vector b, initialised to β in every
-    entry, to the input of both projections: q = W_q (x + b), k = W_k (x + b). For
-    RMS-normalised x and β = 1, the common component makes consecutive positions start
-    at cos ≈ 1/2, p ≈ 1/4, i.e. with few boundaries, so the ratio loss first *raises* p;
-    see `HNetBitConfig.router_bias_init` for why that matters.
+    `prev_key` (B, D) is the key of the position before q[:, 0] when continuing a
+    sequence (decoding); without it the first position (or the first real one under
+    `mask`) is a boundary with p = 1. Masked positions get p = 0 and no boundary.
     """
-
-    def __init__(self, dim: int, bias_init: float = 0.0) -> None:
-        super().__init__()
-        self.bias_init = float(bias_init)
-        self.q_proj = nn.Linear(dim, dim, bias=False)
-        self.k_proj = nn.Linear(dim, dim, bias=False)
-        self.bias = nn.Parameter(torch.empty(dim)) if bias_init else None
-        self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        nn.init.eye_(self.q_proj.weight)
-        nn.init.eye_(self.k_proj.weight)
-        if self.bias is not None:
-            self.bias.fill_(self.bias_init)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                prev_key: torch.Tensor | None = None) -> Routing:
-        """Boundary probabilities of `x` (B, T, D).
-
-        `prev_key` (B, D) is the key of the position before x[:, 0] when continuing a
-        sequence (decoding); without it the first position (or the first real one under
-        `mask`) is a boundary with p = 1.
-        """
-        dtype = torch.promote_types(x.dtype, torch.float32)  # at least float32 under autocast
-        with torch.autocast(x.device.type, enabled=False):
-            xf = x.to(dtype)
-            if self.bias is not None:
-                xf = xf + self.bias.to(dtype)
-            q = F.normalize(F.linear(xf, self.q_proj.weight.to(dtype)), dim=-1, eps=1e-6)
-            k = F.normalize(F.linear(xf, self.k_proj.weight.to(dtype)), dim=-1, eps=1e-6)
+    if prev_key is None:
+        prev = F.pad(k[:, :-1], (0, 0, 1, 0))
+    else:
+        prev = torch.cat([prev_key[:, None].to(k.dtype), k[:, :-1]], dim=1)
+    prob = ((1 - (q * prev).sum(-1)) / 2).clamp(0.0, 1.0)
+    if mask is None:
         if prev_key is None:
-            prev = F.pad(k[:, :-1], (0, 0, 1, 0))
-        else:
-            prev = torch.cat([prev_key[:, None].to(k.dtype), k[:, :-1]], dim=1)
-        prob = ((1 - (q * prev).sum(-1)) / 2).clamp(0.0, 1.0)
-        if mask is None:
-            if prev_key is None:
-                prob = torch.cat([torch.ones_like(prob[:, :1]), prob[:, 1:]], dim=1)
-        else:
-            if prev_key is None:  # the first real position of each row opens its first chunk
-                first = mask & (mask.long().cumsum(1) == 1)
-                prob = torch.where(first, torch.ones_like(prob), prob)
-            prob = torch.where(mask, prob, torch.zeros_like(prob))
-        return Routing(prob, prob >= 0.5, k)
+            prob = torch.cat([torch.ones_like(prob[:, :1]), prob[:, 1:]], dim=1)
+    else:
+        if prev_key is None:  # the first real position of each row opens its first chunk
+            first = mask & (mask.long().cumsum(1) == 1)
+            prob = torch.where(first, torch.ones_like(prob), prob)
+        prob = torch.where(mask, prob, torch.zeros_like(prob))
+    return Routing(prob, prob >= 0.5, k)
 
 
 def downsample(x: torch.Tensor, boundary: torch.Tensor) -> Chunks:

@@ -93,7 +93,7 @@ class Tokenizer(ABC):
         return text
 
     def encode(self, texts: str | Sequence[str]) -> list[dict[str, np.ndarray]]:
-        """Seed-000 batch API: `encode([text])[0]['input_ids']` is an int64 array."""
+        """The original reference API's batch form: `encode([text])[0]['input_ids']` is an int64 array."""
         if isinstance(texts, (str, bytes)):
             texts = [texts]
         return [{"input_ids": np.asarray(self.encode_ids(t), dtype=np.int64)} for t in texts]

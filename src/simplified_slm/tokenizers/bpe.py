@@ -4,7 +4,7 @@ Training always builds a GPT-2 style byte-level BPE (all 256 bytes in the initia
 alphabet), so every string encodes and decodes exactly. Loading accepts any local
 `tokenizer.json` (GPT-2, Llama-3, SmolLM2, or SentencePiece-converted Llama-2 files), finds
 the special ids from the usual token names or a `tokenizer_config.json` next to it, and
-falls back to pad = eos like the seed's Llama-2 recipe, since causal LMs rarely ship a pad.
+falls back to pad = eos like TinyLM's Llama-2 recipe, since causal LMs rarely ship a pad.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Character models are the smallest useful baseline (tiny shakespeare's 65 characters), but
 a tiny vocab cannot cover all of Unicode. Two policies decide what happens to the rest:
 
-* "ascii" (the seed's policy): ids are `<PAD>`=0, `<UNK>`=1, printable ASCII 32..126,
+* "ascii" (the char ASCII policy of the experimental-SLM spec): ids are `<PAD>`=0, `<UNK>`=1, printable ASCII 32..126,
   "\\n", "\\t" (99 ids). Text first goes through `normalize_ascii`, which folds curly quotes,
   dashes, ellipses, odd spaces, accents and line endings to ASCII, so typographic text
   loses nothing a reader would miss.

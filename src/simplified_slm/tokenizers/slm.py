@@ -1,8 +1,8 @@
-"""`SLMTokenizer`: seed 002's tokenizer API over whichever tokenizer a folder holds.
+"""`SLMTokenizer`: the Llama 3.2 SLM recipe's tokenizer API over whichever tokenizer a folder holds.
 
-Seed 002 loads a tokenizer with `SLMTokenizer.from_pretrained(dir)`, encodes a prompt to a
+That recipe loads a tokenizer with `SLMTokenizer.from_pretrained(dir)`, encodes a prompt to a
 plain list of ids and decodes generated ids back (`decode(output[0])`). Our tokenizers
-keep seed 000's batch `encode` (a list of dicts), so this is a thin adapter around any of
+keep the original reference API's batch `encode` (a list of dicts), so this is a thin adapter around any of
 them rather than another tokenizer: the ids are exactly those of the wrapped tokenizer.
 """
 

@@ -1,6 +1,6 @@
 """Knowledge distillation: a frozen teacher's softened next-token distribution as a second target.
 
-Loss per batch (Hinton et al., 2015, and seed 002's recipe):
+Loss per batch (Hinton et al., 2015, and the Llama 3.2 distillation recipe):
 
     total = alpha * T² * KD + (1 - alpha) * CE
 

@@ -1,4 +1,4 @@
-"""Seed 004's hook system: experiment without editing the model or the trainer.
+"""The hook system: experiment without editing the model or the trainer.
 
 Forward hooks observe activations (they must never change outputs); update hooks
 transform gradients after backward and before the optimizer step. Both are enabled by

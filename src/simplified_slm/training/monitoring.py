@@ -18,7 +18,8 @@ from torch import nn
 
 from simplified_slm import metric_names as M
 from simplified_slm.layers.lif import firing_rates
-from simplified_slm.ops.bitnet import BitLinear, ternary_codes
+from simplified_slm.layers.bitlinear import BitLinear
+from simplified_slm.ops.bitnet import ternary_codes
 
 __all__ = ["firing_rates", "grad_norms_by_group", "parameter_group", "ternary_stats"]
 

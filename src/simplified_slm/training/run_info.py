@@ -1,6 +1,6 @@
 """Run provenance (`run.json`) and the lock that keeps two runs out of one folder.
 
-Seed 004 asks every run to record run_id, git commit, config hash and the hook list, so a
+The experiment-tracking spec asks every run to record run_id, git commit, config hash and the hook list, so a
 result can always be traced to the code and settings that produced it.
 """
 

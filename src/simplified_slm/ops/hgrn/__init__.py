@@ -9,6 +9,9 @@ All share one signature, `fn(i, f, initial_state=None, output_final_state=False)
 - `fused_recurrent_hgrn`: one sequential pass; a small C kernel on CPU (built on first
   use, see `native.py`), in-place stepping elsewhere. Bit-identical to the reference.
 
+Each form is its own module; what they share (input checks, the flat (N, T, D) layout,
+the exact step, the reversed-scan backward) is `common.py`.
+
 `hgrn` picks the fastest exact form for its inputs; models call it. No Triton kernel: the
 project targets CPU, and triton is never imported.
 """

@@ -281,7 +281,7 @@ _scan_op.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 def native_scan(i: torch.Tensor, f: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
-    """The recurrence over (N, T, D) inputs already checked by `flatten_hgrn_inputs`."""
+    """The recurrence over (N, T, D) inputs already checked by `common.flatten_hgrn_inputs`."""
     dtype = torch.float32 if i.dtype in _UPCAST else i.dtype
     h0 = None if h0 is None else h0.to(dtype).contiguous()
     o = _scan_op(i.to(dtype).contiguous(), f.to(dtype).contiguous(), h0)

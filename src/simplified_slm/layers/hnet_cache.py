@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from simplified_slm.utils.cache import RecurrentCache
+from simplified_slm.layers.recurrent_cache import RecurrentCache
 
 
 def _take(t: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
