@@ -1,10 +1,10 @@
 """Native transformers formats: `gpt` <-> GPT2LMHeadModel, `llama` <-> LlamaForCausalLM,
-`bitnet` -> BitNetForCausalLM (packed ternary weights).
+`bitnet` <-> BitNetForCausalLM (packed ternary weights).
 
 The exported folder is loaded by stock `transformers` (`AutoModelForCausalLM`) with no
-code of ours; the import side reads a transformers Llama (a folder, or a model object,
-e.g. one transformers loaded from a GGUF file) into our `llama` family. `transformers`
-is imported lazily: the core package does not depend on it.
+code of ours; the import side (`import_hf`, `import_gguf_llama`, behind `models.load`)
+reads such a folder, ours or transformers' own, or a Llama GGUF file back into our
+families. `transformers` is imported lazily: the core package does not depend on it.
 
 BitNet: transformers' `quant_method: "bitnet"` (offline, `linear_class: "bitlinear"`)
 stores each projection as uint8 `weight` (4 ternary codes per byte, packed along the
