@@ -1,4 +1,9 @@
-"""Seed 000's entry point: `python generate.py --model_path ... --prompt ...` (same as `slm generate`)."""
+"""Seed 000's entry point: `python generate.py --model_path ... --prompt ...` (same as `slm generate`).
+
+Seed 000 runs `python generate.py --prompt ...` on a fresh clone, so this wrapper passes
+`--untrained`: without --model_path and without a trained model under runs/ it samples
+from an untrained model (with a warning) where `slm generate` refuses.
+"""
 
 import sys
 from pathlib import Path
@@ -8,4 +13,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 from simplified_slm.cli.main import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["generate", *sys.argv[1:]]))
+    sys.exit(main(["generate", "--untrained", *sys.argv[1:]]))

@@ -35,16 +35,14 @@ def _run_config(checkpoint: Path) -> dict:
 def build_report(args: argparse.Namespace) -> dict:
     import numpy as np
 
-    from simplified_slm.cli.main import _load_model
     from simplified_slm.evaluation.evaluator import evaluate_model
     from simplified_slm.evaluation.per_document import documents_for, per_document_report
+    from simplified_slm.models import load
+    from simplified_slm.training.trainer import resolve_device
 
     checkpoint = Path(args.checkpoint)
-    if not checkpoint.is_dir():
-        raise SLMError(f"checkpoint {checkpoint} is not a folder; pass a checkpoint or model folder "
-                       "such as runs/NAME/checkpoints/best")
-    model, tokenizer = _load_model(str(checkpoint), args.device)
-    config = _run_config(checkpoint)
+    model, tokenizer, model_source = load(checkpoint, resolve_device(args.device))
+    config = _run_config(model_source.path)  # the folder (a file inside one stands for it)
     block = args.block_size or model.max_context or config.get("train", {}).get("block_size") or 256
     if model.max_context is not None:
         block = min(block, model.max_context)
@@ -79,7 +77,8 @@ def build_report(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="checkpoint or model folder")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint or model folder, transformers folder or .gguf file")
     p.add_argument("--dataset", help="built-in name or file/folder (default: the run's own data config)")
     p.add_argument("--output", help="write the JSON report here (default: print it)")
     p.add_argument("--max_batches", type=int, help="cap on stream-metric batches (default: whole split)")

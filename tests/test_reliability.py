@@ -559,6 +559,7 @@ def flip_bit(path: Path, seed: int = 0) -> None:
 
 
 CHECKPOINT_FILES = ["config.json", "model.safetensors", "optimizer.pt", "rng.safetensors", "tokenizer_config.json",
+                    "tokenizer_identity.json",
                     "trainer_state.json", "vocab.json"]
 DIFFERING_FILES = ["model.safetensors", "optimizer.pt", "rng.safetensors", "trainer_state.json"]
 

@@ -62,15 +62,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(path: str | None, device: str, untrained_fallback: bool = False):
-    """Model + tokenizer from a checkpoint/model folder (or the newest run's best checkpoint).
+def _load_model(path: str | None, device: str, untrained: bool = False):
+    """Model + tokenizer through `simplified_slm.models.load` (or the newest run's best checkpoint).
 
-    With `untrained_fallback` (the original reference's `generate.py --prompt ...` without a model) and no
-    trained model anywhere, a freshly initialised byte-level SimplifiedSLM small model is
-    used, with a warning, so the command runs on a fresh clone.
+    Only with `untrained` (`slm generate --untrained`, which the repo-root `generate.py` passes
+    so it runs on a fresh clone) and no trained model anywhere is a freshly initialised
+    byte-level SimplifiedSLM small model used, with a warning; otherwise no model is an error.
     """
-    from simplified_slm.models.base import CausalLM
-    from simplified_slm.tokenizers import load_tokenizer
+    from simplified_slm.models import load
     from simplified_slm.training.trainer import resolve_device
 
     if path is None:
@@ -78,7 +77,7 @@ def _load_model(path: str | None, device: str, untrained_fallback: bool = False)
         if candidates:
             path = str(candidates[-1])
             print(f"using {path}", file=sys.stderr)
-        elif untrained_fallback:
+        elif untrained:
             from simplified_slm.models import SimplifiedSLMConfig, SimplifiedSLMForCausalLM
             from simplified_slm.tokenizers import ByteTokenizer
 
@@ -87,26 +86,9 @@ def _load_model(path: str | None, device: str, untrained_fallback: bool = False)
             model = SimplifiedSLMForCausalLM(SimplifiedSLMConfig.small()).to(resolve_device(device)).eval()
             return model, ByteTokenizer()
         else:
-            raise SLMError("no trained model found under runs/; train one (make demo) or pass --model_path")
-    if Path(path).is_file():  # a file inside a model folder, e.g. .../model.safetensors
-        path = str(Path(path).parent)
-    from simplified_slm.export.ternary import PACKED_FILE, load_packed
-    from simplified_slm.training.checkpoint import MANIFEST, verify_checkpoint
-
-    if (Path(path) / MANIFEST).is_file():  # a training checkpoint: refuse corrupted files
-        verify_checkpoint(path)
-
-    if (Path(path) / PACKED_FILE).is_file():
-        model = load_packed(path).to(resolve_device(device))
-    else:
-        model = CausalLM.from_pretrained(path).to(resolve_device(device))
-    model.eval()
-    tokenizer = load_tokenizer(path)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise SLMError(f"tokenizer in {path} has {tokenizer.vocab_size} ids but the model only "
-                       f"{model.config.vocab_size}; they do not belong together")
-    for param in model.parameters():  # inference only; no process-wide autograd switch
-        param.requires_grad_(False)
+            raise SLMError("no trained model found under runs/; pass --model_path, train one (make demo), "
+                           "or pass --untrained to sample from an untrained model")
+    model, tokenizer, _ = load(path, resolve_device(device))
     return model, tokenizer
 
 
@@ -143,7 +125,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from simplified_slm.cli.generate_cmd import run_generate
 
-    model, tokenizer = _load_model(args.model_path, args.device, untrained_fallback=True)
+    model, tokenizer = _load_model(args.model_path, args.device, untrained=args.untrained)
     return run_generate(model, tokenizer, args)
 
 
@@ -239,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint: loss, perplexity, bits per byte, samples")
-    p.add_argument("--checkpoint", required=True, help="checkpoint or model folder")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint or model folder, transformers folder or .gguf file")
     p.add_argument("--dataset", help="built-in name or file/folder (default: the run's validation split)")
     p.add_argument("--block_size", type=int)
     p.add_argument("--batch_size", type=int, default=8)
@@ -285,7 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model_path", "--model-path", help="checkpoint or model folder (default: newest run's best)")
+    p.add_argument("--model_path", "--model-path", help="checkpoint or model folder, transformers folder or "
+                   ".gguf file (default: newest run's best)")
+    p.add_argument("--untrained", action="store_true",
+                   help="with no --model_path and no trained model under runs/, sample from an untrained "
+                        "model instead of failing (to try the command on a fresh clone)")
     p.add_argument("--prompt", default="\n")
     p.add_argument("--max_tokens", "--max-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)

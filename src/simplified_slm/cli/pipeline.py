@@ -7,8 +7,7 @@ import time
 from simplified_slm.data import load_prepared
 from simplified_slm.evaluation.analysis import analyze_after_run
 from simplified_slm.evaluation.evaluator import evaluate_model
-from simplified_slm.models.base import CausalLM
-from simplified_slm.tokenizers import load_tokenizer
+from simplified_slm.models import load
 from simplified_slm.training.config import ExperimentConfig
 from simplified_slm.training.trainer import Trainer
 from simplified_slm.utils.io import atomic_write_json
@@ -21,8 +20,7 @@ def run_pipeline(cfg: ExperimentConfig, resume: str | None = None, allow_data_ch
         return 130
     best = result.run_dir / "checkpoints" / "best"
     model_dir = best if best.exists() else result.checkpoint
-    model = CausalLM.from_pretrained(model_dir).to(cfg.train.device if cfg.train.device != "auto" else "cpu")
-    tokenizer = load_tokenizer(model_dir)
+    model, tokenizer, _ = load(model_dir, cfg.train.device if cfg.train.device != "auto" else "cpu")
     data = load_prepared(result.run_dir / "data")
     report = evaluate_model(model, tokenizer, data.val, block_size=cfg.train.block_size,
                             batch_size=cfg.train.batch_size, num_samples=3,

@@ -1,10 +1,10 @@
 """Native transformers formats: `gpt` <-> GPT2LMHeadModel, `llama` <-> LlamaForCausalLM,
-`bitnet` -> BitNetForCausalLM (packed ternary weights).
+`bitnet` <-> BitNetForCausalLM (packed ternary weights).
 
 The exported folder is loaded by stock `transformers` (`AutoModelForCausalLM`) with no
-code of ours; the import side reads a transformers Llama (a folder, or a model object,
-e.g. one transformers loaded from a GGUF file) into our `llama` family. `transformers`
-is imported lazily: the core package does not depend on it.
+code of ours; the import side (`import_hf`, `import_gguf_llama`, behind `models.load`)
+reads such a folder, ours or transformers' own, or a Llama GGUF file back into our
+families. `transformers` is imported lazily: the core package does not depend on it.
 
 BitNet: transformers' `quant_method: "bitnet"` (offline, `linear_class: "bitlinear"`)
 stores each projection as uint8 `weight` (4 ternary codes per byte, packed along the
@@ -36,11 +36,12 @@ from simplified_slm.export.hf_tokenizer import save_hf_tokenizer
 from simplified_slm.export.ternary import bitlinear_modules
 from simplified_slm.layers.rope import rope_type
 from simplified_slm.models.base import CausalLM
-from simplified_slm.models.bitnet import BitNetForCausalLM
-from simplified_slm.models.gpt import GPTForCausalLM
+from simplified_slm.models.bitnet import BitNetConfig, BitNetForCausalLM
+from simplified_slm.models.gpt import GPTConfig, GPTForCausalLM
 from simplified_slm.models.llama import LlamaConfig, LlamaForCausalLM
 from simplified_slm.ops.bitnet import ternary_codes
-from simplified_slm.ops.packing import pack_ternary_hf
+from simplified_slm.ops.packing import pack_ternary_hf, unpack_ternary_hf
+from simplified_slm.tokenizers.identity import record_tokenizer
 from simplified_slm.utils.io import atomic_write
 
 
@@ -221,12 +222,12 @@ def export_hf(model: CausalLM, directory: str | Path, tokenizer: Any = None) -> 
         to_transformers(model).save_pretrained(str(directory))
     if tokenizer is not None:
         save_hf_tokenizer(tokenizer, directory, model.max_context)
+        record_tokenizer(directory, tokenizer)
 
 
-def llama_from_transformers(hf_model) -> LlamaForCausalLM:
-    """Our `llama` model from a transformers LlamaForCausalLM (from a folder or a GGUF file)."""
-    hf_cfg = hf_model.config
-    fields = {f.name for f in dataclasses.fields(LlamaConfig)}
+def _llama_config(hf_cfg, cls: type[LlamaConfig]) -> LlamaConfig:
+    """Our Llama-style config (`llama` or `bitnet`) from a transformers config."""
+    fields = {f.name for f in dataclasses.fields(cls)}
     raw = {k: v for k, v in hf_cfg.to_dict().items() if k in fields}
     rope = getattr(hf_cfg, "rope_parameters", None) or raw.get("rope_scaling")
     if isinstance(rope, dict):
@@ -235,18 +236,82 @@ def llama_from_transformers(hf_model) -> LlamaForCausalLM:
         raw["rope_scaling"] = None if kind == "default" else {k: v for k, v in rope.items() if k != "rope_theta"}
     raw = {k: v for k, v in raw.items() if v is not None or k in ("rope_scaling", "head_dim", "sliding_window")}
     raw.pop("sliding_window", None)
-    config = LlamaConfig.from_dict(raw, where="transformers config")
-    model = LlamaForCausalLM(config)
+    return cls.from_dict(raw, where="transformers config")
+
+
+def _load_mapped(model: CausalLM, state: dict[str, torch.Tensor], source: str) -> CausalLM:
+    """Load a renamed transformers state dict, refusing any missing or extra tensor."""
+    tied = {"lm_head.weight"} if model.lm_head.weight is model.embed_tokens.weight else set()
+    state = {k: v for k, v in state.items() if k not in tied}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise SLMError(f"cannot map the transformers {source} onto our {model.config.family} family: "
+                       f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.eval()
+
+
+def llama_from_transformers(hf_model) -> LlamaForCausalLM:
+    """Our `llama` model from a transformers LlamaForCausalLM (from a folder or a GGUF file)."""
+    model = LlamaForCausalLM(_llama_config(hf_model.config, LlamaConfig))
     state = {k.removeprefix("model."): v.float() for k, v in hf_model.state_dict().items()
              if "rotary_emb" not in k}
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise SLMError(f"cannot map the transformers Llama onto ours: missing {missing[:3]}, "
-                       f"unexpected {unexpected[:3]}")
-    return model.eval()
+    return _load_mapped(model, state, "Llama")
+
+
+_GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+
+
+def gpt_from_transformers(hf_model) -> GPTForCausalLM:
+    """Our `gpt` model from a transformers GPT2LMHeadModel (the inverse of `_gpt2_state`)."""
+    c = hf_model.config
+    if c.activation_function not in _GPT2_ACTIVATIONS or not c.scale_attn_weights \
+            or c.scale_attn_by_inverse_layer_idx or c.reorder_and_upcast_attn:
+        raise SLMError(f"this GPT-2 uses settings our gpt family lacks (activation {c.activation_function!r}, "
+                       "or non-default attention scaling); it cannot be imported")
+    config = GPTConfig(vocab_size=c.vocab_size, n_layers=c.n_layer, d_model=c.n_embd, n_heads=c.n_head,
+                       d_ff=c.n_inner, context_length=c.n_positions, dropout=0.0, bias=True,
+                       activation=_GPT2_ACTIVATIONS[c.activation_function],
+                       tie_embeddings=c.tie_word_embeddings, norm_eps=c.layer_norm_epsilon)
+    sd = {k: v.float() for k, v in hf_model.state_dict().items()}
+    state = {"embed_tokens.weight": sd["transformer.wte.weight"], "embed_positions.weight": sd["transformer.wpe.weight"],
+             "norm.weight": sd["transformer.ln_f.weight"], "norm.bias": sd["transformer.ln_f.bias"],
+             "lm_head.weight": sd["lm_head.weight"]}
+    for i in range(c.n_layer):
+        p, h = f"layers.{i}.", f"transformer.h.{i}."
+        for norm in ("ln_1", "ln_2"):
+            state[f"{p}{norm}.weight"], state[f"{p}{norm}.bias"] = sd[f"{h}{norm}.weight"], sd[f"{h}{norm}.bias"]
+        for x, w, b in zip("qkv", sd[h + "attn.c_attn.weight"].t().chunk(3), sd[h + "attn.c_attn.bias"].chunk(3)):
+            state[f"{p}attn.{x}_proj.weight"], state[f"{p}attn.{x}_proj.bias"] = w, b
+        for ours, theirs in (("attn.o_proj", "attn.c_proj"), ("mlp.up_proj", "mlp.c_fc"),
+                             ("mlp.down_proj", "mlp.c_proj")):
+            state[f"{p}{ours}.weight"], state[f"{p}{ours}.bias"] = sd[f"{h}{theirs}.weight"].t(), sd[f"{h}{theirs}.bias"]
+    return _load_mapped(GPTForCausalLM(config), {k: v.contiguous() for k, v in state.items()}, "GPT-2")
+
+
+def bitnet_from_transformers(hf_model) -> BitNetForCausalLM:
+    """Our `bitnet` model, frozen on the packed ternary codes, from a transformers BitNetForCausalLM."""
+    model = BitNetForCausalLM(_llama_config(hf_model.config, BitNetConfig)).freeze_ternary()
+    theirs = {v: k for k, v in _BITNET_RENAMES.items()}
+    bitlinears = bitlinear_modules(model)
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor in hf_model.state_dict().items():
+        if "rotary_emb" in key:
+            continue
+        name = key.removeprefix("model.")
+        for hf_name, ours in theirs.items():
+            name = name.replace(hf_name, ours)
+        layer, _, leaf = name.rpartition(".")
+        if layer in bitlinears and leaf == "weight":
+            state[f"{layer}.weight_codes"] = unpack_ternary_hf(tensor, bitlinears[layer].out_features)
+        elif layer in bitlinears and leaf == "weight_scale":
+            state[name] = tensor.float().reshape(())
+        else:
+            state[name] = tensor.float()
+    return _load_mapped(model, state, "BitNet")
+
+
+_IMPORTERS = {"llama": llama_from_transformers, "gpt2": gpt_from_transformers, "bitnet": bitnet_from_transformers}
 
 
 def import_gguf_llama(path: str | Path) -> LlamaForCausalLM:
@@ -259,11 +324,15 @@ def import_gguf_llama(path: str | Path) -> LlamaForCausalLM:
         hf = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except ImportError as err:
         raise SLMError(f"reading GGUF needs `pip install gguf accelerate` ({str(err).splitlines()[0]})") from None
+    if hf.config.model_type != "llama":
+        raise SLMError(f"{path} holds a '{hf.config.model_type}' model; only Llama GGUF files can be imported")
     return llama_from_transformers(hf)
 
 
-def import_hf_llama(directory: str | Path) -> LlamaForCausalLM:
-    """Load a transformers Llama checkpoint folder (config.json + safetensors) into our family.
+def import_hf(directory: str | Path) -> CausalLM:
+    """Load a transformers checkpoint folder (config.json + safetensors) into our family:
+    Llama -> `llama`, GPT-2 -> `gpt`, BitNet -> `bitnet` (what `export_hf` writes, and
+    plain transformers folders of those types).
 
     Only safetensors weights are read (`use_safetensors=True`): a `pytorch_model.bin` is a
     pickle, which can run code when loaded, so a folder holding only that is refused.
@@ -271,9 +340,13 @@ def import_hf_llama(directory: str | Path) -> LlamaForCausalLM:
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise SLMError(f"{directory} has no config.json; pass a transformers model folder")
-    arch = json.loads((directory / "config.json").read_text()).get("model_type")
-    if arch != "llama":
-        raise SLMError(f"{directory} holds a '{arch}' model; only Llama checkpoints import into the llama family")
+    try:
+        arch = json.loads((directory / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as err:
+        raise SLMError(f"cannot read {directory / 'config.json'} ({type(err).__name__}); the folder is damaged") from None
+    if arch not in _IMPORTERS:
+        raise SLMError(f"{directory} holds a '{arch}' transformers model; only {sorted(_IMPORTERS)} folders "
+                       "import into our families")
     if not any(directory.glob("*.safetensors")):
         pickles = sorted(p.name for p in directory.glob("*.bin"))
         found = f"only {', '.join(pickles)} (pickle, which can run code and is never loaded)" if pickles else "none"
@@ -286,4 +359,4 @@ def import_hf_llama(directory: str | Path) -> LlamaForCausalLM:
     except OSError as err:  # e.g. stray .safetensors files but no model.safetensors
         raise SLMError(f"cannot load {directory}: {(str(err).splitlines() or ['?'])[0]}; it needs "
                        "model.safetensors (or a sharded model.safetensors.index.json)") from None
-    return llama_from_transformers(hf)
+    return _IMPORTERS[arch](hf)

@@ -22,6 +22,7 @@ from simplified_slm.models.registry import config_from_dict, model_class
 from simplified_slm.layers.bitlinear import BitLinear
 from simplified_slm.ops.bitnet import ternary_codes
 from simplified_slm.ops.packing import pack_ternary, unpack_ternary
+from simplified_slm.tokenizers.identity import record_tokenizer
 from simplified_slm.utils.io import atomic_write, atomic_write_json
 
 PACKED_FILE = "model.ternary.safetensors"
@@ -62,6 +63,7 @@ def save_packed(model: CausalLM, directory: str | Path, tokenizer=None) -> dict[
         "format": FORMAT, "family": model.config.family}))
     if tokenizer is not None:
         tokenizer.save(directory)
+        record_tokenizer(directory, tokenizer)
     linear_params = sum(m.in_features * m.out_features for m in bitlinears.values())
     return {"linear_weights_packed_bytes": packed_bytes, "linear_weights_fp16_bytes": 2 * linear_params,
             "file_bytes": (directory / PACKED_FILE).stat().st_size}

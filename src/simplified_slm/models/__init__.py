@@ -11,6 +11,7 @@ from simplified_slm.models.gpt import GPTConfig, GPTForCausalLM
 from simplified_slm.models.hgrn_bit import SimplifiedSLMConfig, SimplifiedSLMForCausalLM
 from simplified_slm.models.hnet_bit import HNetBitConfig, HNetBitForCausalLM
 from simplified_slm.models.llama import LlamaConfig, LlamaForCausalLM
+from simplified_slm.models.loading import LoadedModel, ModelSource, load
 from simplified_slm.models.registry import build_model, config_from_dict, families, register_family
 from simplified_slm.models.spiking import SpikingConfig, SpikingForCausalLM
 
@@ -18,4 +19,5 @@ __all__ = ["CausalLM", "CausalLMOutput", "ModelConfig",
            "BitNetConfig", "BitNetForCausalLM", "GPTConfig", "GPTForCausalLM",
            "HNetBitConfig", "HNetBitForCausalLM", "LlamaConfig", "LlamaForCausalLM",
            "SimplifiedSLMConfig", "SimplifiedSLMForCausalLM", "SpikingConfig", "SpikingForCausalLM",
-           "build_model", "config_from_dict", "families", "register_family"]
+           "LoadedModel", "ModelSource", "build_model", "config_from_dict", "families", "load",
+           "register_family"]

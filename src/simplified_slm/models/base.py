@@ -149,7 +149,10 @@ class CausalLM(nn.Module):
         atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={
             "format": "pt", "family": self.config.family}))
         if tokenizer is not None:
+            from simplified_slm.tokenizers.identity import record_tokenizer  # tokenizers sit below models
+
             tokenizer.save(directory)
+            record_tokenizer(directory, tokenizer)  # `models.load` refuses other tokenizer files
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "CausalLM":

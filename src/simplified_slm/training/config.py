@@ -99,7 +99,7 @@ class TrainConfig(ConfigBase):
     progress: bool = True
     # knowledge distillation (training/distill.py): loss = alpha * T² * KD + (1 - alpha) * CE
     use_distillation: bool = False
-    distillation_teacher: str | None = None  # our checkpoint/model folder, transformers Llama folder or .gguf
+    distillation_teacher: str | None = None  # anything models.load reads (our folders, transformers, .gguf)
     distillation_alpha: float = 0.5  # weight of the teacher term
     distillation_temperature: float = 3.0
     distillation_top_k: int | None = None  # keep the teacher's top-k logits per position; None: full vocab
@@ -176,7 +176,7 @@ class TrainConfig(ConfigBase):
             self._fail("distillation_top_k", f"must be at least 1 or null (full vocab), got {self.distillation_top_k}")
         if self.use_distillation and not self.distillation_teacher:
             self._fail("distillation_teacher", "use_distillation needs a teacher: a checkpoint or model folder, "
-                       "a transformers Llama folder or a .gguf file")
+                       "a transformers folder or a .gguf file")
         if self.distillation_cache_dir is not None and self.distillation_top_k is None:
             self._fail("distillation_cache_dir", "the cache stores top-k logits; set distillation_top_k (e.g. 64)")
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -44,17 +43,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from simplified_slm.errors import SLMError
-from simplified_slm.models.base import CONFIG_FILE, WEIGHTS_FILE, CausalLM, next_token_loss
-from simplified_slm.tokenizers import Tokenizer, load_tokenizer
-from simplified_slm.tokenizers.bpe import BPETokenizer
-from simplified_slm.tokenizers.char import CharTokenizer
+from simplified_slm.models.base import CausalLM, next_token_loss
+from simplified_slm.models.loading import ModelSource
+from simplified_slm.tokenizers import Tokenizer, tokenizer_identity
 from simplified_slm.training.config import TrainConfig
 from simplified_slm.utils.io import atomic_write, atomic_write_json, sha256_file
 
 IGNORE_INDEX = -100
 CACHE_FORMAT = "simplified_slm.distill_cache/1"
-# parts of a tokenizer.json that decide which ids a text becomes (decoder/post-processor do not)
-_BPE_ID_SECTIONS = ("model", "added_tokens", "normalizer", "pre_tokenizer")
 
 
 class DistillLoss(NamedTuple):
@@ -89,18 +85,6 @@ def distillation_loss(student_logits: torch.Tensor, targets: torch.Tensor, teach
 
 
 # ------------------------------------------------------------------------ tokenizers
-def tokenizer_identity(tokenizer: Tokenizer) -> dict[str, object]:
-    """What decides the text behind every id: equal identities mean the same ids for the same text."""
-    identity: dict[str, object] = {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size}
-    if isinstance(tokenizer, BPETokenizer):
-        # re-serialised by the installed `tokenizers`, so files written by different tools compare equal
-        spec = json.loads(tokenizer.hf.to_str())
-        identity.update({name: spec.get(name) for name in _BPE_ID_SECTIONS})
-    elif isinstance(tokenizer, CharTokenizer):
-        identity.update(chars=list(tokenizer.chars), policy=tokenizer.policy)
-    return identity
-
-
 def _first_difference(student: dict[str, object], teacher: dict[str, object]) -> str:
     for name in [*student, *(k for k in teacher if k not in student)]:  # kind first, then size, ...
         ours, theirs = student.get(name), teacher.get(name)
@@ -128,8 +112,8 @@ def check_same_tokenizer(student: Tokenizer, teacher: Tokenizer, teacher_path: s
 
 # --------------------------------------------------------------------------- teacher
 class Teacher:
-    """A frozen model this project can load: one of our model/checkpoint folders, a
-    transformers Llama folder or a Llama `.gguf` file, with the tokenizer stored with it.
+    """A frozen model `models.load` reads (our checkpoint, model or packed folder, a
+    transformers Llama / GPT-2 / BitNet folder or a Llama `.gguf` file), with its tokenizer.
 
     The tokenizer is read at once (to refuse a mismatch before training starts); the
     weights by `load_model`, so a run whose teacher logits are all cached never holds them.
@@ -138,86 +122,22 @@ class Teacher:
     def __init__(self, path: str | Path, device: torch.device | str = "cpu") -> None:
         self.path = Path(path)
         self.device = torch.device(device)
-        self.source = self._source_kind()
-        self.tokenizer = self._load_tokenizer()
-        self._model: CausalLM | None = None
-
-    def _source_kind(self) -> str:
-        if not self.path.exists():
-            raise SLMError(f"distillation teacher {self.path} does not exist; set train.distillation_teacher to "
-                           "a checkpoint folder, a transformers Llama folder or a .gguf file")
-        if self.path.is_file() and self.path.suffix == ".gguf":
-            return "gguf"
-        config = self.path / CONFIG_FILE
-        if not config.is_file():
-            raise SLMError(f"distillation teacher {self.path} is neither a .gguf file nor a model folder with "
-                           f"{CONFIG_FILE}; pass a checkpoint folder (e.g. runs/X/checkpoints/best), a "
-                           "transformers Llama folder or a .gguf file")
         try:
-            raw = json.loads(config.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise SLMError(f"cannot read {config}: {err}; the teacher folder is damaged") from None
-        if "family" in raw:
-            return "ours"
-        if raw.get("model_type") == "llama":
-            return "transformers"
-        raise SLMError(f"distillation teacher {self.path} holds a '{raw.get('model_type')}' transformers model; "
-                       "only Llama folders (or our own checkpoints) can be teachers")
-
-    def _load_tokenizer(self) -> Tokenizer:
-        if self.source == "gguf":
-            try:
-                import transformers
-
-                hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.path.parent),
-                                                                         gguf_file=self.path.name)
-            except ImportError as err:
-                raise SLMError(f"a GGUF teacher needs `pip install transformers gguf` "
-                               f"({str(err).splitlines()[0]})") from None
-            with tempfile.TemporaryDirectory() as tmp:  # through the files, as any HF tokenizer folder
-                hf_tokenizer.save_pretrained(tmp)
-                return load_tokenizer(tmp)
-        names = ("tokenizer_config.json", "tokenizer.json")
-        if not any((self.path / name).is_file() for name in names):
-            raise SLMError(f"distillation teacher {self.path} has no tokenizer files, so the tokenizer cannot be "
-                           "checked; save the model with its tokenizer (save_pretrained(dir, tokenizer=...))")
-        return load_tokenizer(self.path)
+            self.source = ModelSource.open(self.path)
+            self.tokenizer = self.source.tokenizer()
+        except SLMError as err:
+            raise SLMError(f"distillation teacher (train.distillation_teacher): {err}") from None
+        self._model: CausalLM | None = None
 
     def load_model(self) -> CausalLM:
         """The teacher in eval mode with gradients off (loaded once, on first call)."""
         if self._model is None:
-            if self.source == "gguf":
-                from simplified_slm.export.hf import import_gguf_llama
-
-                model: CausalLM = import_gguf_llama(self.path)
-            elif self.source == "transformers":
-                from simplified_slm.export.hf import import_hf_llama
-
-                model = import_hf_llama(self.path)
-            else:
-                from simplified_slm.training.checkpoint import MANIFEST, verify_checkpoint
-
-                if (self.path / MANIFEST).is_file():
-                    verify_checkpoint(self.path)
-                model = CausalLM.from_pretrained(self.path)
-            if model.config.vocab_size < self.tokenizer.vocab_size:
-                raise SLMError(f"distillation teacher {self.path} has {model.config.vocab_size} output ids but "
-                               f"its tokenizer {self.tokenizer.vocab_size}; they do not belong together")
-            model.to(self.device).eval()
-            for param in model.parameters():
-                param.requires_grad_(False)
-            self._model = model
+            self._model = self.source.model(self.tokenizer, self.device)
         return self._model
 
     def fingerprint(self) -> str:
         """SHA-256 over the files the weights come from (names and contents)."""
-        if self.source == "gguf":
-            files = [self.path]
-        elif self.source == "ours":
-            files = [self.path / CONFIG_FILE, self.path / WEIGHTS_FILE]
-        else:
-            files = [self.path / CONFIG_FILE, *sorted(p for p in self.path.iterdir()
-                                                      if p.suffix in (".safetensors", ".bin"))]
+        files = self.source.weight_files()
         digest = hashlib.sha256()
         for path in files:
             try:

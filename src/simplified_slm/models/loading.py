@@ -1,0 +1,154 @@
+"""The one way to load a model for inference: `load(path, device)` -> model + tokenizer.
+
+Every consumer (`slm eval/generate/export/boundaries`, distillation teachers,
+`scripts/evaluate_model.py`) goes through here, so each kind of model on disk is
+recognised, verified and paired with its tokenizer the same way:
+
+- a training checkpoint folder (`manifest.json`): every file is verified first;
+- our model folder (`config.json` with `family`, from `save_pretrained` or an export);
+- a packed ternary folder (`model.ternary.safetensors`);
+- a transformers folder (`config.json` with `model_type` llama / gpt2 / bitnet, safetensors
+  weights only): a `--format hf` export of ours or a plain transformers model;
+- a `.gguf` file (Llama), its tokenizer read from the file by transformers;
+- a file inside a model folder (e.g. its model.safetensors) stands for the folder.
+
+The tokenizer is checked before any weight is read: against the identity the folder
+recorded when it was saved (`tokenizers/identity.py`; folders from before that record
+still load) and, after loading, against the model's vocab size. The result is in eval mode
+with gradients off. Sideways imports: the formats are read by `export/` (transformers,
+GGUF, packed ternary) and checkpoints verified by `training/checkpoint.py`; both import
+lazily, inside the functions, as distillation already does, so importing `models` does
+not load transformers or the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import torch
+
+from simplified_slm.errors import SLMError
+from simplified_slm.models.base import CONFIG_FILE, WEIGHTS_FILE, CausalLM
+from simplified_slm.tokenizers import Tokenizer, load_tokenizer
+from simplified_slm.tokenizers.base import SLM_TOKENIZER_CONFIG, TOKENIZER_CONFIG
+from simplified_slm.tokenizers.bpe import TOKENIZER_FILE
+from simplified_slm.tokenizers.identity import check_tokenizer_record
+
+SourceKind = Literal["checkpoint", "folder", "packed", "transformers", "gguf"]
+_ACCEPTED = "pass a checkpoint or model folder, a transformers model folder or a .gguf file"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model is and in which format; `open` recognises (and verifies) it."""
+
+    path: Path  # the model folder, or the .gguf file
+    kind: SourceKind
+
+    @classmethod
+    def open(cls, path: str | Path) -> "ModelSource":
+        """Recognise the format at `path`; a training checkpoint's manifest is verified here."""
+        path = Path(path)
+        if not path.exists():
+            raise SLMError(f"{path} does not exist; {_ACCEPTED}")
+        if path.is_file():
+            if path.suffix == ".gguf":
+                return cls(path, "gguf")
+            path = path.parent  # a file inside a model folder, e.g. .../model.safetensors
+        from simplified_slm.export.ternary import PACKED_FILE
+        from simplified_slm.training.checkpoint import MANIFEST, verify_checkpoint
+
+        if (path / MANIFEST).is_file():
+            verify_checkpoint(path)
+            return cls(path, "checkpoint")
+        if (path / PACKED_FILE).is_file():
+            return cls(path, "packed")
+        config = path / CONFIG_FILE
+        if not config.is_file():
+            raise SLMError(f"{path} holds no model ({CONFIG_FILE} is missing); {_ACCEPTED}")
+        try:
+            raw = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise SLMError(f"cannot read {config} ({type(err).__name__}); the model folder is damaged") from None
+        if isinstance(raw, dict) and "family" in raw:
+            return cls(path, "folder")
+        if isinstance(raw, dict) and "model_type" in raw:
+            return cls(path, "transformers")
+        raise SLMError(f"{config} names neither a family of ours nor a transformers model_type; {_ACCEPTED}")
+
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer stored with the model, refused if it is not the one the folder recorded."""
+        if self.kind == "gguf":
+            return _gguf_tokenizer(self.path)
+        if not any((self.path / name).is_file() for name in (TOKENIZER_CONFIG, SLM_TOKENIZER_CONFIG, TOKENIZER_FILE)):
+            raise SLMError(f"{self.path} has no tokenizer files, so its ids cannot be read as text; save the "
+                           "model with its tokenizer (save_pretrained(dir, tokenizer=...))")
+        tokenizer = load_tokenizer(self.path)
+        check_tokenizer_record(self.path, tokenizer)
+        return tokenizer
+
+    def model(self, tokenizer: Tokenizer, device: torch.device | str = "cpu") -> CausalLM:
+        """The weights on `device`, in eval mode with gradients off; refuses a tokenizer with
+        more ids than the model's vocab."""
+        if self.kind == "gguf":
+            from simplified_slm.export.hf import import_gguf_llama
+
+            model: CausalLM = import_gguf_llama(self.path)
+        elif self.kind == "transformers":
+            from simplified_slm.export.hf import import_hf
+
+            model = import_hf(self.path)
+        elif self.kind == "packed":
+            from simplified_slm.export.ternary import load_packed
+
+            model = load_packed(self.path)
+        else:
+            model = CausalLM.from_pretrained(self.path)
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise SLMError(f"the tokenizer of {self.path} has {tokenizer.vocab_size} ids but the model only "
+                           f"{model.config.vocab_size}; they do not belong together")
+        model.to(device).eval()
+        for param in model.parameters():  # inference only; no process-wide autograd switch
+            param.requires_grad_(False)
+        return model
+
+    def weight_files(self) -> list[Path]:
+        """The files the weights come from (what a cache of the model's outputs is keyed by)."""
+        if self.kind == "gguf":
+            return [self.path]
+        if self.kind == "transformers":
+            return [self.path / CONFIG_FILE, *sorted(self.path.glob("*.safetensors"))]
+        from simplified_slm.export.ternary import PACKED_FILE
+
+        return [self.path / CONFIG_FILE, self.path / (PACKED_FILE if self.kind == "packed" else WEIGHTS_FILE)]
+
+
+class LoadedModel(NamedTuple):
+    model: CausalLM
+    tokenizer: Tokenizer
+    source: ModelSource
+
+
+def load(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """Model + tokenizer from any format in the module docstring, ready for inference."""
+    source = ModelSource.open(path)
+    tokenizer = source.tokenizer()
+    return LoadedModel(source.model(tokenizer, device), tokenizer, source)
+
+
+def _gguf_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer inside a GGUF file, through transformers and a tokenizer.json on disk."""
+    try:
+        import transformers
+
+        hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except ImportError as err:
+        raise SLMError(f"reading a GGUF file needs `pip install transformers gguf` "
+                       f"({str(err).splitlines()[0]})") from None
+    with tempfile.TemporaryDirectory() as tmp:  # through the files, as any HF tokenizer folder
+        hf_tokenizer.save_pretrained(tmp)
+        return load_tokenizer(tmp)
