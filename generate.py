@@ -1,6 +1,6 @@
-"""Seed 000's entry point: `python generate.py --model_path ... --prompt ...` (same as `slm generate`).
+"""The original reference's entry point: `python generate.py --model_path ... --prompt ...` (= `slm generate`).
 
-Seed 000 runs `python generate.py --prompt ...` on a fresh clone, so this wrapper passes
+That reference runs `python generate.py --prompt ...` on a fresh clone, so this wrapper passes
 `--untrained`: without --model_path and without a trained model under runs/ it samples
 from an untrained model (with a warning) where `slm generate` refuses.
 """

@@ -1,4 +1,4 @@
-"""Seed 000's entry point: `python train.py --config configs/...json` (same as `slm train`)."""
+"""The original reference's entry point: `python train.py --config configs/...json` (same as `slm train`)."""
 
 import sys
 from pathlib import Path
