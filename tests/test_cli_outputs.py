@@ -118,6 +118,17 @@ def test_non_empty_output_folders_need_overwrite(models, tmp_path):
         assert [p.name for p in out.iterdir()] == ["mine.txt"]
 
 
+def test_a_linked_output_folder_is_refused(tmp_path):
+    """Swapping in a new folder would replace the link (e.g. checkpoints/best), not its target."""
+    from simplified_slm.cli.outputs import check_output_dir
+    from simplified_slm.errors import SLMError
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(SLMError, match="symbolic link"):
+        check_output_dir(tmp_path / "link", "--out", overwrite=True)
+
+
 def test_hf_export_replaces_a_folder_only_with_overwrite_and_atomically(models, tmp_path):
     """(Row 4) A second model exported over the first: refused, then with --overwrite the
     folder holds the second model's files only, and AutoTokenizer loads its tokenizer."""

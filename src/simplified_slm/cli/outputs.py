@@ -57,6 +57,8 @@ def check_output_dir(path: str | Path, flag: str, overwrite: bool = False,
     `reusable` (an earlier output of the same command, updated in place) or `overwrite` is
     set, and the place it is created in (or replaced from) is writable. Creates nothing."""
     path = Path(path)
+    if path.is_symlink():  # replacing it would replace the link, not the folder it points to
+        raise SLMError(f"{flag} {path} is a symbolic link; give the folder's real path")
     if path.exists() and not path.is_dir():
         raise SLMError(f"{flag} {path} is a file; give a folder path")
     if path.is_dir() and any(path.iterdir()) and not overwrite and not (reusable and reusable(path)):
