@@ -18,7 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
+from simplified_slm.cli.outputs import check_output_file  # noqa: E402
 from simplified_slm.errors import SLMError  # noqa: E402
+from simplified_slm.evaluation.evaluator import metrics_line  # noqa: E402
+from simplified_slm.utils.io import atomic_write_text  # noqa: E402
 
 
 def _run_config(checkpoint: Path) -> dict:
@@ -95,22 +98,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     try:
+        if args.output:
+            check_output_file(args.output, "--output")
         report = build_report(args)
     except SLMError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     text = json.dumps(report, indent=2)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n")
-    else:
+    if not args.output:
         print(text)
     m, ci = report["metrics"], report["bpb_ci95"]
-    print(f"val loss {m['loss']:.4f} nats/token | ppl {m['ppl']:.2f} | bpb {m['bpb']:.4f} | "
-          f"accuracy {m['accuracy']:.3f} | utf8 validity {m.get('utf8_validity', 1.0):.3f} | "
-          f"{m['eval_tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
+    print(f"{metrics_line(m)} | {m['eval_tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
     print(f"per-{ci['unit']} bpb {ci['bpb']:.4f}, 95% CI [{ci['lower']:.4f}, {ci['upper']:.4f}] "
           f"over {ci['documents']} {ci['unit']}s", file=sys.stderr)
+    if args.output:
+        atomic_write_text(args.output, text + "\n")
     return 0
 
 

@@ -50,7 +50,7 @@ def test_generate_prompt_and_file(trained, tmp_path, capsys):
     prompts.write_bytes(b"First Citizen:\n\xff\xfe broken line\nKING:\n" + b"x" * 100 + b"\n")
     out = tmp_path / "out.jsonl"
     assert main(["generate", "--model_path", ckpt, "--prompt_file", str(prompts), "--output_file", str(out),
-                 "--max_tokens", "10", "--seed", "1"]) == 0
+                 "--max_tokens", "10", "--seed", "1"]) == 1  # skipped lines: exit 1 after a summary
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["line"] for r in rows] == [1, 3]  # bad UTF-8 and too-long lines reported and skipped
     err = capsys.readouterr().err

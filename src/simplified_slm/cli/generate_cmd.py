@@ -1,21 +1,24 @@
 """`slm generate` / `generate.py`: one prompt, interactive chat-style loop, or a prompt file.
 
-Bad lines in a prompt file are reported and skipped; interactive mode ends cleanly on EOF
-or Ctrl-C. Output streams token by token to the terminal.
+Arguments are checked before anything loads or prints; interactive mode ends cleanly on EOF
+or Ctrl-C; output streams token by token to the terminal. Prompt files: `prompt_file.py`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
+from simplified_slm.cli.outputs import check_output_file
+from simplified_slm.cli.prompt_file import run_prompt_file
 from simplified_slm.errors import SLMError
+from simplified_slm.generation.generate import check_sampling_args
 from simplified_slm.models.base import CausalLM
 from simplified_slm.tokenizers import Tokenizer
+from simplified_slm.utils.io import atomic_write_text
 
 
 def complete(model: CausalLM, tokenizer: Tokenizer, prompt: str, args: argparse.Namespace,
@@ -51,14 +54,26 @@ def complete(model: CausalLM, tokenizer: Tokenizer, prompt: str, args: argparse.
     return tokenizer.decode(out[0, len(ids):])
 
 
+def check_generate_args(args: argparse.Namespace) -> None:
+    """Every argument that can be wrong, checked before the model loads or anything is printed."""
+    check_sampling_args(args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        repetition_penalty=args.repetition_penalty)
+    if args.prompt_file and not Path(args.prompt_file).is_file():
+        raise SLMError(f"prompt file {args.prompt_file} does not exist")
+    if args.output_file:
+        if args.interactive:
+            raise SLMError("--output_file is not used with --interactive; drop one of them")
+        check_output_file(args.output_file, "--output_file")
+
+
 def run_generate(model: CausalLM, tokenizer: Tokenizer, args: argparse.Namespace) -> int:
     if args.interactive:
         return _interactive(model, tokenizer, args)
     if args.prompt_file:
-        return _prompt_file(model, tokenizer, args)
+        return run_prompt_file(args, lambda prompt: complete(model, tokenizer, prompt, args))
     text = complete(model, tokenizer, args.prompt, args, stream=args.output_file is None)
     if args.output_file:
-        Path(args.output_file).write_text(args.prompt + text, encoding="utf-8")
+        atomic_write_text(args.output_file, args.prompt + text)
     return 0
 
 
@@ -93,38 +108,3 @@ def _interactive(model: CausalLM, tokenizer: Tokenizer, args: argparse.Namespace
             print(f"error: {err}", file=sys.stderr)
         except KeyboardInterrupt:
             print("\n(interrupted)", file=sys.stderr)
-
-
-def _prompt_file(model: CausalLM, tokenizer: Tokenizer, args: argparse.Namespace) -> int:
-    path = Path(args.prompt_file)
-    if not path.is_file():
-        raise SLMError(f"prompt file {path} does not exist")
-    raw_lines = path.read_bytes().splitlines()
-    results, failures = [], 0
-    for number, raw in enumerate(raw_lines, start=1):
-        try:
-            prompt = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            print(f"warning: {path}:{number} is not valid UTF-8; skipped", file=sys.stderr)
-            failures += 1
-            continue
-        if not prompt.strip():
-            continue
-        try:
-            results.append({"line": number, "prompt": prompt, "completion": complete(model, tokenizer, prompt, args)})
-        except SLMError as err:
-            print(f"warning: {path}:{number}: {err}; skipped", file=sys.stderr)
-            failures += 1
-    if args.output_file:
-        out = Path(args.output_file)
-        if out.suffix == ".jsonl":
-            out.write_text("".join(json.dumps(r) + "\n" for r in results), encoding="utf-8")
-        else:
-            out.write_text("".join(f"=== prompt (line {r['line']}): {r['prompt']}\n{r['prompt']}{r['completion']}\n\n"
-                                   for r in results), encoding="utf-8")
-        print(f"wrote {len(results)} completions to {out}" + (f" ({failures} lines skipped)" if failures else ""),
-              file=sys.stderr)
-    else:
-        for r in results:
-            print(f"=== {r['prompt']}\n{r['prompt']}{r['completion']}\n")
-    return 0

@@ -13,7 +13,9 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from simplified_slm.cli.outputs import check_output_dir, check_output_file
 from simplified_slm.errors import SLMError
+from simplified_slm.utils.io import atomic_dir, atomic_write_text
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -48,16 +50,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_INTERRUPTED if result.interrupted else 0
 
 
+def _note_vocab_size(asked: int | None, tokenizer) -> None:
+    """BPE training stops early when the corpus has no pair left to merge; say so."""
+    if asked is not None and tokenizer.vocab_size < asked:
+        print(f"note: the tokenizer has {tokenizer.vocab_size} tokens, not the {asked} asked for: the corpus "
+              "ran out of pairs to merge (every word is already one token); train on more text for more",
+              file=sys.stderr)
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from simplified_slm.data import prepare_dataset
+    from simplified_slm.data.prepare import META_FILE
     from simplified_slm.tokenizers import build_tokenizer
     from simplified_slm.training.trainer import training_texts
 
     cfg = _experiment(args)
-    out = Path(args.out or Path(cfg.output_dir) / "data")
+    out = check_output_dir(args.out or Path(cfg.output_dir) / "data", "--out", args.overwrite,
+                           reusable=lambda folder: (folder / META_FILE).is_file())  # refreshed in place
     tokenizer = build_tokenizer(cfg.tokenizer, training_texts(cfg))
-    tokenizer.save(out / "tokenizer")
-    data = prepare_dataset(cfg.data, tokenizer, out)
+    _note_vocab_size(cfg.tokenizer.vocab_size, tokenizer)
+
+    def write(folder: Path):
+        tokenizer.save(folder / "tokenizer")
+        return prepare_dataset(cfg.data, tokenizer, folder)
+
+    if args.overwrite:
+        with atomic_dir(out) as tmp:
+            data = write(tmp)
+    else:
+        data = write(out)
     print(json.dumps({"out": str(out), "train_tokens": int(len(data.train)), "val_tokens": int(len(data.val))}))
     return 0
 
@@ -96,8 +117,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from simplified_slm.data import DataConfig, load_prepared, prepare_dataset
     from simplified_slm.evaluation.evaluator import evaluate_model
 
+    from simplified_slm.evaluation.evaluator import metrics_line
+
+    json_out = check_output_file(args.json, "--json") if args.json else None
+    if args.block_size is not None and args.block_size < 1:
+        raise SLMError(f"--block_size must be at least 1, got {args.block_size}")
     model, tokenizer = _load_model(args.checkpoint, args.device)
-    block = min(args.block_size or model.max_context or 256, model.max_context or 10**9)
+    block = args.block_size or model.max_context or 256
+    if model.max_context is not None and block > model.max_context:
+        print(f"note: --block_size {block} is longer than the model's context; evaluating with "
+              f"{model.max_context}", file=sys.stderr)
+        block = model.max_context
     if args.dataset:
         with tempfile.TemporaryDirectory() as tmp:
             tokens = prepare_dataset(DataConfig(dataset=args.dataset), tokenizer, tmp).val.copy()
@@ -111,20 +141,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
                             sample_tokens=args.sample_tokens, seed=args.seed)
     report["checkpoint"] = str(args.checkpoint)
     report["dataset"] = args.dataset or "run validation split"
-    text = json.dumps(report, indent=2)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-    m = report["metrics"]
-    print(f"val loss {m['loss']:.4f} nats/token | ppl {m['ppl']:.2f} | bpb {m['bpb']:.4f} | "
-          f"accuracy {m['accuracy']:.3f} | utf8 validity {m.get('utf8_validity', 1.0):.3f}")
+    print(metrics_line(report["metrics"]))
     for sample in report["samples"]:
         print("---\n" + sample["text"])
+    if json_out:
+        atomic_write_text(json_out, json.dumps(report, indent=2) + "\n")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from simplified_slm.cli.generate_cmd import run_generate
+    from simplified_slm.cli.generate_cmd import check_generate_args, run_generate
 
+    check_generate_args(args)
     model, tokenizer = _load_model(args.model_path, args.device, untrained=args.untrained)
     return run_generate(model, tokenizer, args)
 
@@ -135,35 +163,51 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_pipeline(_experiment(args), resume=args.resume, allow_data_change=args.allow_data_change)
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    from simplified_slm.export.ternary import save_packed
-
-    model, tokenizer = _load_model(args.checkpoint, "cpu")
-    if args.format == "hf":
+def _export(fmt: str, model, tokenizer, directory: Path) -> dict:
+    """Write `model` in format `fmt` into `directory`; what to report about it."""
+    if fmt == "hf":
         from simplified_slm.export.hf import export_hf
 
-        export_hf(model, args.out, tokenizer)
-        print(json.dumps({"out": args.out, "format": "transformers"}))
-    elif args.format == "ternary":
-        info = save_packed(model, args.out, tokenizer)
+        export_hf(model, directory, tokenizer)
+        return {"format": "transformers"}
+    if fmt == "ternary":
+        from simplified_slm.export.ternary import save_packed
+
+        info = save_packed(model, directory, tokenizer)
         ratio = info["linear_weights_fp16_bytes"] / info["linear_weights_packed_bytes"]
-        print(json.dumps({"out": args.out, **info, "linear_weights_vs_fp16": round(ratio, 2)}))
-    elif args.format == "onnx":
+        return {**info, "linear_weights_vs_fp16": round(ratio, 2)}
+    if fmt == "onnx":
         from simplified_slm.export.onnx import export_onnx
 
-        info = export_onnx(model, args.out, tokenizer)
+        info = export_onnx(model, directory, tokenizer)
         if info["max_abs_diff"] > 1e-4:
             print(f"warning: onnxruntime logits differ from PyTorch's by up to {info['max_abs_diff']:.2e}; "
                   "in ternary models a value on an int8 rounding boundary can round the other way "
                   "(docs/EXPORT.md), in float models this is a bug", file=sys.stderr)
-        print(json.dumps({"out": args.out, "format": "onnx", **info}))
-    elif args.format == "coreml":
+        return {"format": "onnx", **info}
+    if fmt == "coreml":
         from simplified_slm.export.coreml import export_coreml
 
-        print(json.dumps({"out": args.out, "format": "coreml", **export_coreml(model, args.out, tokenizer)}))
-    else:
-        model.save_pretrained(args.out, tokenizer=tokenizer)
-        print(json.dumps({"out": args.out}))
+        return {"format": "coreml", **export_coreml(model, directory, tokenizer)}
+    model.save_pretrained(directory, tokenizer=tokenizer)
+    return {}
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    out = check_output_dir(args.out, "--out", args.overwrite)
+    model, tokenizer = _load_model(args.checkpoint, "cpu")
+    if args.format == "hf":
+        from simplified_slm.export.hf_tokenizer import transformers_can_load
+
+        if not transformers_can_load(tokenizer):
+            raise SLMError(f"the model's {type(tokenizer).__name__} has no transformers equivalent, so "
+                           "AutoTokenizer could not load the export; use --format safetensors, or train with "
+                           "a byte or bpe tokenizer")
+    with atomic_dir(out) as tmp:  # written beside --out, then swapped in: no half or mixed folder
+        info = _export(args.format, model, tokenizer, tmp)
+    if "file" in info:  # report the final path, not the temporary one
+        info["file"] = str(out / Path(info["file"]).name)
+    print(json.dumps({"out": args.out, **info}))
     return 0
 
 
@@ -188,9 +232,12 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     from simplified_slm.data import read_documents
     from simplified_slm.tokenizers import TokenizerConfig, build_tokenizer
 
+    out = check_output_dir(args.out, "--out", args.overwrite)
     cfg = TokenizerConfig(kind=args.kind, vocab_size=args.vocab_size)
     tokenizer = build_tokenizer(cfg, lambda: (d.text for d in read_documents(args.data)))
-    tokenizer.save(args.out)
+    _note_vocab_size(args.vocab_size, tokenizer)
+    with atomic_dir(out) as tmp:
+        tokenizer.save(tmp)
     print(json.dumps({"out": args.out, **tokenizer.spec()}))
     return 0
 
@@ -217,7 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="tokenize a dataset into token shards")
     _add_config_args(p)
-    p.add_argument("--out", help="output folder (default <output_dir>/data)")
+    p.add_argument("--out", help="output folder (default <output_dir>/data); an earlier prepared folder is "
+                   "refreshed in place, any other non-empty folder needs --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder (atomically)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint: loss, perplexity, bits per byte, samples")
@@ -245,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "hf: a transformers folder (gpt -> GPT2LMHeadModel, llama -> LlamaForCausalLM); "
                         "onnx: model.onnx, input_ids -> logits, checked in onnxruntime (gpt, llama, bitnet, "
                         "hgrn_bit); coreml: model.mlpackage for macOS/iOS (gpt, llama, bitnet); see docs/EXPORT.md")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output folder: new or empty, or pass --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder (atomically)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("boundaries", help="show an hnet_bit model's learned chunk boundaries ('|') on text")
@@ -262,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--kind", default="bpe", choices=["bpe", "char", "byte"])
     t.add_argument("--vocab-size", "--vocab_size", dest="vocab_size", type=int)
     t.add_argument("--data", default="tinystories", help="built-in dataset name or file/folder")
-    t.add_argument("--out", required=True)
+    t.add_argument("--out", required=True, help="output folder: new or empty, or pass --overwrite")
+    t.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder (atomically)")
     t.set_defaults(func=cmd_tokenizer)
     return parser
 
@@ -285,8 +336,10 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                    help="run the one-token decode steps through torch.compile: faster per token "
                         "after a one-off compile of several seconds; pays off for long outputs")
     p.add_argument("--interactive", action="store_true")
-    p.add_argument("--prompt_file", "--prompt-file")
-    p.add_argument("--output_file", "--output-file")
+    p.add_argument("--prompt_file", "--prompt-file", help="one prompt per line; each completion is written as "
+                   "it finishes")
+    p.add_argument("--output_file", "--output-file", help="write here instead of stdout; a .jsonl output of a "
+                   "prompt file is resumable (a rerun answers only the prompts not in it yet)")
     p.add_argument("--device", default="auto")
 
 

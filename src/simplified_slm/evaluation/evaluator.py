@@ -48,3 +48,13 @@ def evaluate_model(model: CausalLM, tokenizer: Tokenizer, tokens: np.ndarray, *,
         metrics["utf8_validity"] = float(np.mean([s["utf8_validity"] for s in samples]))
     return {"metrics": metrics, "samples": samples, "num_parameters": model.num_parameters(),
             "family": model.config.family}
+
+
+def metrics_line(metrics: dict[str, float]) -> str:
+    """One line of the headline metrics; UTF-8 validity is "n/a" when no sample was generated
+    (a default of 1.0 would claim perfect samples that do not exist)."""
+    validity = metrics.get("utf8_validity")
+    return (f"val loss {metrics['loss']:.4f} nats/token | ppl {metrics['ppl']:.2f} | bpb {metrics['bpb']:.4f} | "
+            f"accuracy {metrics['accuracy']:.3f} | utf8 validity "
+            f"{'n/a' if validity is None else format(validity, '.3f')}")
+

@@ -42,7 +42,7 @@ from simplified_slm.models.llama import LlamaConfig, LlamaForCausalLM
 from simplified_slm.ops.bitnet import ternary_codes
 from simplified_slm.ops.packing import pack_ternary_hf, unpack_ternary_hf
 from simplified_slm.tokenizers.identity import record_tokenizer
-from simplified_slm.utils.io import atomic_write
+from simplified_slm.utils.io import atomic_write, follow_umask
 
 
 def _transformers():
@@ -220,6 +220,8 @@ def export_hf(model: CausalLM, directory: str | Path, tokenizer: Any = None) -> 
         _write_bitnet(model, Path(directory))
     else:
         to_transformers(model).save_pretrained(str(directory))
+        for weights in Path(directory).glob("*.safetensors"):
+            follow_umask(weights)  # transformers writes them through safetensors: 0600
     if tokenizer is not None:
         save_hf_tokenizer(tokenizer, directory, model.max_context)
         record_tokenizer(directory, tokenizer)

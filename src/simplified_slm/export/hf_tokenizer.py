@@ -54,6 +54,11 @@ def _as_hf(tokenizer: Tokenizer) -> HFTokenizer | None:
     return None
 
 
+def transformers_can_load(tokenizer: Tokenizer) -> bool:
+    """Whether `save_hf_tokenizer` can write `tokenizer` in a form AutoTokenizer loads."""
+    return _as_hf(tokenizer) is not None
+
+
 def save_hf_tokenizer(tokenizer: Tokenizer, directory: str | Path, model_max_length: int | None) -> bool:
     """Save `tokenizer` into a transformers export folder; True when AutoTokenizer can load it.
 

@@ -31,6 +31,22 @@ def compiled_step(model: Any) -> Callable[..., Any]:
     return step
 
 
+def check_sampling_args(max_new_tokens: int, *, temperature: float, top_k: int | None, top_p: float | None,
+                        repetition_penalty: float) -> None:
+    """Raise SLMError for a sampling setting `generate` cannot use; callers that print
+    (the CLI echoes the prompt) run it first so the error is the only output."""
+    if max_new_tokens < 0:
+        raise SLMError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if top_k is not None and top_k < 1:
+        raise SLMError(f"top_k must be at least 1 (or unset), got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise SLMError(f"top_p must be in (0, 1], got {top_p}")
+    if not (math.isfinite(temperature) and temperature >= 0.0):
+        raise SLMError(f"temperature must be a finite number >= 0, got {temperature}")
+    if not (math.isfinite(repetition_penalty) and repetition_penalty > 0.0):
+        raise SLMError(f"repetition_penalty must be a finite number > 0, got {repetition_penalty}")
+
+
 @torch.no_grad()
 def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int | None = None, *, greedy: bool = False,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -63,16 +79,8 @@ def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int | None = N
     max_new_tokens = _new_token_budget(max_new_tokens, max_length, input_ids.shape[1])
     greedy = _greedy(greedy, do_sample)
     eos_ids = _eos_ids(eos_token_id)
-    if max_new_tokens < 0:
-        raise SLMError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if top_k is not None and top_k < 1:
-        raise SLMError(f"top_k must be at least 1 (or unset), got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise SLMError(f"top_p must be in (0, 1], got {top_p}")
-    if not (math.isfinite(temperature) and temperature >= 0.0):
-        raise SLMError(f"temperature must be a finite number >= 0, got {temperature}")
-    if not (math.isfinite(repetition_penalty) and repetition_penalty > 0.0):
-        raise SLMError(f"repetition_penalty must be a finite number > 0, got {repetition_penalty}")
+    check_sampling_args(max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        repetition_penalty=repetition_penalty)
     model.check_input_ids(input_ids)
     limit = model.max_context
     if limit is not None and input_ids.shape[1] > limit:

@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from simplified_slm.errors import SLMError
-from simplified_slm.utils.io import atomic_write_json, fsync_dir, sha256_file
+from simplified_slm.utils.io import atomic_write, atomic_write_json, fsync_dir, sha256_file
 
 MANIFEST = "manifest.json"
 STATE_FILE = "trainer_state.json"
@@ -294,7 +294,7 @@ def save_training_files(directory: Path, model: torch.nn.Module, tokenizer: Any,
     model.save_pretrained(directory, tokenizer=tokenizer)
     torch.save(optimizer_state, directory / OPTIMIZER_FILE)
     rng_json, rng_tensors = capture_rng()
-    save_file(rng_tensors, str(directory / RNG_FILE))
+    atomic_write(directory / RNG_FILE, lambda tmp: save_file(rng_tensors, str(tmp)))  # umask mode, not 0600
     (directory / STATE_FILE).write_text(json.dumps({**state, "rng": rng_json}) + "\n")
 
 

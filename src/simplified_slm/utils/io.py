@@ -1,7 +1,8 @@
-"""Atomic file writes: a crash or kill mid-write never leaves a half-written file behind.
+"""Atomic file and folder writes: a crash or kill mid-write never leaves half a file behind.
 
 Write to a temporary name in the same folder, flush and fsync, then `os.replace`, which is
-atomic on POSIX and Windows; readers see the old file or the new one, never a mix.
+atomic on POSIX and Windows; readers see the old file or the new one, never a mix. Folders
+(exports) are written under a temporary sibling name and renamed into place.
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 
 def _current_umask() -> int:
@@ -37,21 +40,66 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def follow_umask(path: str | Path) -> None:
+    """Give `path` (and, for a folder, everything in it) the mode a plain `open` would give
+    under the umask: mkstemp/mkdtemp and writers with a temp file of their own (safetensors,
+    and transformers through it) leave 0600/0700."""
+    path = Path(path)
+    for entry in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not entry.is_symlink():
+            os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~_UMASK)
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp_path)` then move the finished file over `path`."""
+    """Call `write(tmp_path)` then move the finished file over `path`.
+
+    The mode is set after `write`: writers that replace `tmp_path` with a file of their own
+    (safetensors does) would otherwise leave mkstemp's 0600 instead of what the umask gives.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file normal permissions
         write(tmp_path)
+        follow_umask(tmp_path)
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary sibling of folder `path`; on success it replaces `path`.
+
+    An existing `path` (the caller decided it may be replaced) is renamed aside, the new
+    folder renamed in, then the old one deleted, so readers never see the two mixed. On
+    any failure the temporary folder is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        follow_umask(tmp)
+        if path.is_dir() and any(path.iterdir()):
+            aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, aside)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(aside, path)
+                raise
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, path)  # a missing or empty folder is replaced in one step
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_dir(path.parent)
 
