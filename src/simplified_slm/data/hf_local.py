@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from simplified_slm.data.document import Document
+from simplified_slm.data.skips import SkipTally
 from simplified_slm.errors import SLMError
 
 HF_FILE_FORMATS = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
@@ -107,18 +108,23 @@ def load_saved(folder: Path, split: str) -> Any:
     return table[split] if splits else table
 
 
-def text_documents(table: Any, where: str, text_field: str) -> list[Document]:
-    """One document per row of the `text_field` column; empty/missing values are skipped."""
+def text_documents(table: Any, where: str, text_field: str, tally: SkipTally) -> list[Document]:
+    """One document per row of the `text_field` column; empty/missing values are skipped,
+    a row whose value is not text raises or, in skip mode, is counted and left out."""
     if text_field not in table.column_names:
         found = ", ".join(table.column_names)
         raise SLMError(f"{where}: no '{text_field}' column (found: {found}); "
                        "set the data config's text_field to the text column")
     documents = []
     for i, text in enumerate(table[text_field]):
+        tally.count("rows")
         if text is None:
             continue  # missing values are common in tabular data; they hold no text
         if not isinstance(text, str):
-            raise SLMError(f"{where}: row {i} '{text_field}' is {type(text).__name__}, not text; "
-                           "set text_field to a string column")
+            kind = type(text).__name__
+            tally.bad("rows", f"'{text_field}' is {kind}", SLMError(
+                f"{where}: row {i} '{text_field}' is {kind}, not text; set text_field to a string "
+                "column or set on_error='skip'"))
+            continue
         documents.append(Document(f"{where}[{i}]", text))
     return documents

@@ -56,7 +56,7 @@ class DataConfig(ConfigBase):
     extensions: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_EXTENSIONS))
     max_train_bytes: int | None = None  # cap on training text for quick runs; val is not capped
     append_eos: bool = True  # separate documents with the tokenizer's eos id, if it has one
-    on_error: Literal["raise", "skip"] = "raise"  # "skip": leave out unreadable files, warn
+    on_error: Literal["raise", "skip"] = "raise"  # "skip": leave out bad records/bytes/files, one warning per file
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str | None = None) -> "DataConfig":
