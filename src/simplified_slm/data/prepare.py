@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from simplified_slm.configbase import ConfigBase
 from simplified_slm.data.corpus import (
@@ -35,12 +34,12 @@ from simplified_slm.data.corpus import (
 from simplified_slm.errors import SLMError
 from simplified_slm.tokenizers.base import Tokenizer
 from simplified_slm.utils.io import atomic_write, atomic_write_json
+from simplified_slm.utils.progress import progress
 
 FORMAT = "simplified_slm.prepared/1"
 META_FILE = "meta.json"
 SPLITS = ("train", "val")
 _CHUNK_CHARS = 1 << 20  # bounds the peak memory of one encode_ids call (ids as Python ints)
-_PROGRESS_MIN_CHARS = 1 << 22  # smaller inputs finish before a progress bar helps
 _PROBE_CHARS = 4096
 
 
@@ -228,18 +227,14 @@ def _chunks(text: str, size: int) -> Iterator[str]:
 
 
 def _write_tokens(path: Path, documents: Sequence[Document], tokenizer: Tokenizer,
-                  eos: int | None, dtype: np.dtype, desc: str) -> int:
-    """Tokenize `documents` chunk by chunk into `path` (atomically); returns the token count."""
-    total_chars = sum(len(d.text) for d in documents)
-    quiet = total_chars < _PROGRESS_MIN_CHARS
+                  eos: int | None, dtype: np.dtype, desc: str, total_bytes: int) -> int:
+    """Tokenize `documents` chunk by chunk into `path` (atomically), reporting the bytes and
+    documents done on stderr (see utils/progress.py); returns the token count."""
     count = 0
 
     def write(tmp: Path) -> None:
         nonlocal count
-        # disable=None: tqdm shows the bar only on a terminal
-        progress = tqdm(total=total_chars, unit="char", unit_scale=True, desc=desc,
-                        leave=False, disable=True if quiet else None)
-        with open(tmp, "wb") as f, progress:
+        with open(tmp, "wb") as f, progress(total_bytes, desc=desc, unit="B", unit_scale=True, leave=False) as bar:
             for i, doc in enumerate(documents):
                 if i and eos is not None:
                     f.write(np.asarray([eos], dtype=dtype).tobytes())
@@ -251,7 +246,8 @@ def _write_tokens(path: Path, documents: Sequence[Document], tokenizer: Tokenize
                                          f"[0, {tokenizer.vocab_size}); the tokenizer is broken")
                     f.write(ids.astype(dtype).tobytes())
                     count += ids.size
-                    progress.update(len(chunk))
+                    bar.set_postfix(documents=f"{i + 1}/{len(documents)}", refresh=False)
+                    bar.update(len(chunk.encode("utf-8")))
         if count == 0:
             raise SLMError(f"{desc}: the tokenizer produced no tokens; check the data and "
                            "the tokenizer")
@@ -301,7 +297,7 @@ def prepare_dataset(cfg: DataConfig, tokenizer: Tokenizer, out_dir: str | Path) 
     (directory / META_FILE).unlink(missing_ok=True)
     meta_splits = {
         name: {"tokens": _write_tokens(directory / f"{name}.bin", docs, tokenizer, eos, dtype,
-                                       f"tokenizing {name}"),
+                                       f"tokenizing {name}", digests[name][1]),
                "bytes": digests[name][1], "documents": len(docs)}
         for name, docs in splits.items()
     }

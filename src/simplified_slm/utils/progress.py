@@ -6,13 +6,16 @@ file, where every redraw is kept. `progress()` returns tqdm when the stream is a
 (`SLM_PROGRESS_INTERVAL`, default 10) and a last one on close, so work shorter than one
 interval prints nothing. Both take tqdm's
 `total/initial/desc/unit/unit_scale/disable` and have `update/set_postfix/close`, so callers
-never ask which one they got.
+never ask which one they got. `heartbeat()` covers work that cannot count its own progress
+(a library call such as HF's BPE trainer): a line every interval while it runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
 import time
 from typing import Any, Iterable, Iterator, TextIO
 
@@ -69,16 +72,18 @@ class LineProgress:
         self._closed = True
 
     def _amount(self, value: float) -> str:
-        return tqdm.format_sizeof(value) if self.unit_scale else f"{value:,.0f}"
+        if self.unit_scale:
+            return tqdm.format_sizeof(value)
+        return f"{value:,.0f}" if value >= 100 or value == int(value) else f"{value:.2g}"
 
     def _report(self) -> None:
         now = time.monotonic()
         elapsed = max(now - self._started, 1e-9)
         rate = (self.n - self._start_n) / elapsed
-        parts = [f"{self._amount(self.n)}{'/' + self._amount(self.total) if self.total else ''} {self.unit}"]
-        if self.total:
-            parts[0] += f" ({100 * self.n / self.total:.0f}%)"
-        parts.append(f"{self._amount(rate)} {self.unit}/s")
+        gap = "" if self.unit_scale else " "  # 12.3MB as tqdm writes it, but 120 step
+        done = self._amount(self.n) + (f"/{self._amount(self.total)}" if self.total else "")
+        parts = [f"{done}{gap}{self.unit}" + (f" ({100 * self.n / self.total:.0f}%)" if self.total else ""),
+                 f"{self._amount(rate)}{gap}{self.unit}/s"]
         if self.total and rate > 0 and self.n < self.total:
             parts.append(f"{tqdm.format_interval((self.total - self.n) / rate)} left")
         else:
@@ -111,3 +116,32 @@ def texts_with_progress(texts: Iterable[str], desc: str) -> Iterator[str]:
             bar.update(len(text.encode("utf-8")))
             bar.set_postfix(documents=documents, refresh=False)
             yield text
+
+
+@contextlib.contextmanager
+def heartbeat(desc: str, file: TextIO | None = None) -> Iterator[None]:
+    """While the block runs, off a terminal: "desc: 10s elapsed" every interval from a
+    background thread (the work must release the GIL, as native libraries do), and
+    "desc: done in 25s" at the end if any line was written. On a terminal: nothing, since
+    the libraries that need this draw their own bars there."""
+    stream = file or sys.stderr
+    interval = _interval_from_env()
+    if getattr(stream, "isatty", lambda: False)() or interval <= 0:
+        yield
+        return
+    stop, started, beats = threading.Event(), time.monotonic(), []
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            beats.append(1)
+            print(f"{desc}: {tqdm.format_interval(time.monotonic() - started)} elapsed", file=stream, flush=True)
+
+    thread = threading.Thread(target=beat, name="slm-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        if beats:
+            print(f"{desc}: done in {tqdm.format_interval(time.monotonic() - started)}", file=stream, flush=True)
