@@ -110,7 +110,7 @@ def read_documents(
         except SLMError as err:
             if on_error == "raise" or not (isinstance(file, Path) and file.is_file()):
                 raise  # a dataset name or a saved dataset folder is the whole source
-            warn(f"skipped {err}")
+            warn(f"skipped {str(err).split('; ', 1)[0]}")  # the problem; its fix would say "skip"
             continue
         tally.report(file)
         for document in documents:

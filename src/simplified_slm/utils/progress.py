@@ -113,8 +113,8 @@ def texts_with_progress(texts: Iterable[str], desc: str) -> Iterator[str]:
     with progress(desc=desc, unit="B", unit_scale=True) as bar:
         for text in texts:
             documents += 1
-            bar.update(len(text.encode("utf-8")))
             bar.set_postfix(documents=documents, refresh=False)
+            bar.update(len(text.encode("utf-8")))
             yield text
 
 
