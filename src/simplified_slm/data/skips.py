@@ -32,7 +32,7 @@ class SkipTally:
     def bad(self, unit: str, reason: str, error: SLMError, n: int = 1) -> None:
         """Raise `error`, or in skip mode count `n` items of `unit` left out for `reason`."""
         if self.on_error != "skip":
-            raise error
+            raise error from None  # the parser's exception is what `error` explains
         self.skipped.setdefault(unit, Counter())[reason] += n
 
     def report(self, path: str | Path) -> None:

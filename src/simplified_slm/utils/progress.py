@@ -37,12 +37,11 @@ class LineProgress:
     """tqdm's counting surface, reported as whole lines: `desc: n/total unit (p%), rate, eta, postfix`."""
 
     def __init__(self, total: float | None = None, *, initial: float = 0, desc: str = "", unit: str = "it",
-                 unit_scale: bool = False, disable: bool = False, file: TextIO | None = None,
-                 interval_s: float | None = None) -> None:
+                 unit_scale: bool = False, disable: bool = False, file: TextIO | None = None) -> None:
         self.total, self.n, self.desc, self.unit = total, initial, desc, unit
         self.unit_scale, self.disable = unit_scale, disable
         self.file = file
-        self.interval_s = _interval_from_env() if interval_s is None else interval_s
+        self.interval_s = _interval_from_env()
         self._postfix = ""
         self._start_n = initial
         self._started = self._last = time.monotonic()
@@ -126,7 +125,7 @@ def heartbeat(desc: str, file: TextIO | None = None) -> Iterator[None]:
     the libraries that need this draw their own bars there."""
     stream = file or sys.stderr
     interval = _interval_from_env()
-    if getattr(stream, "isatty", lambda: False)() or interval <= 0:
+    if getattr(stream, "isatty", lambda: False)() or interval <= 0:  # 0 would spin: no beats
         yield
         return
     stop, started, beats = threading.Event(), time.monotonic(), []
