@@ -234,3 +234,22 @@ def test_no_python_warnings_reach_users_from_src():
     offenders = [str(p.relative_to(REPO)) for p in (REPO / "src").rglob("*.py")
                  if "warnings.warn(" in p.read_text(encoding="utf-8")]
     assert offenders == []
+
+
+def test_reading_table_files_writes_no_progress_redraws_into_a_pipe(tmp_path):
+    """`datasets` draws tqdm bars of its own ("Generating train split"); off a terminal they
+    are junk in the log, so they are off while we read; a value that is not text is named."""
+    pytest.importorskip("datasets")
+    good, listed = tmp_path / "rows.csv", tmp_path / "rows.parquet"
+    good.write_text("text,id\nfirst row,1\n,2\nthird row,3\n")  # an empty cell is missing text, not an error
+    code = f"""
+import pyarrow as pa, pyarrow.parquet as pq
+from simplified_slm.data import read_documents
+print([d.text for d in read_documents({str(good)!r})])
+pq.write_table(pa.table({{"text": [["a list"], ["fine"]]}}), {str(listed)!r})
+list(read_documents({str(listed)!r}))
+"""
+    result = python(code)
+    assert result.stdout.strip() == "['first row', 'third row']", result.stderr
+    assert "\r" not in result.stderr and "Generating" not in result.stderr, result.stderr
+    assert "rows.parquet: row 0 'text' is list, not text" in result.stderr.strip().splitlines()[-1]
