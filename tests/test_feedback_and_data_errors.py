@@ -253,3 +253,14 @@ list(read_documents({str(listed)!r}))
     assert result.stdout.strip() == "['first row', 'third row']", result.stderr
     assert "\r" not in result.stderr and "Generating" not in result.stderr, result.stderr
     assert "rows.parquet: row 0 'text' is list, not text" in result.stderr.strip().splitlines()[-1]
+
+
+def test_tokenizer_texts_follow_the_data_config(tmp_path, capsys):
+    """What a tokenizer learns from is read like the token files: text_field, on_error."""
+    from simplified_slm.data import DataConfig, tokenizer_texts
+
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"body": "hello there"}\nnot json\n{"body": "more text"}\n')
+    cfg = DataConfig.from_dict({"dataset": str(path), "text_field": "body", "on_error": "skip"})
+    assert list(tokenizer_texts(cfg)()) == ["hello there", "more text"]
+    assert capsys.readouterr().err == f"warning: skipped 1 of 3 lines in {path} (not JSON)\n"

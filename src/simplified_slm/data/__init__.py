@@ -19,6 +19,7 @@ from simplified_slm.data.prepare import (
     prepare_dataset,
     split_documents,
     token_dtype,
+    tokenizer_texts,
     validation_documents,
 )
 from simplified_slm.data.sampler import SAMPLER_MODES, BatchSampler, iter_eval_batches
@@ -43,5 +44,6 @@ __all__ = [
     "read_documents",
     "split_documents",
     "token_dtype",
+    "tokenizer_texts",
     "validation_documents",
 ]

@@ -18,7 +18,7 @@ import hashlib
 import itertools
 import json
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 
@@ -180,6 +180,16 @@ def _sources(cfg: DataConfig) -> tuple[str, str | None, str]:
 def _read(source: str, cfg: DataConfig, split: str = "train") -> list[Document]:
     return list(read_documents(source, text_field=cfg.text_field, extensions=cfg.extensions,
                                on_error=cfg.on_error, split=split))
+
+
+def tokenizer_texts(cfg: DataConfig) -> Callable[[], Iterator[str]]:
+    """Zero-argument callable over the training texts a tokenizer learns its vocab from, read
+    with the data config's text_field, extensions and on_error, so that a tokenizer trains on
+    the documents the token files will hold (not on the defaults, which fail on a JSONL whose
+    text is under another key)."""
+    def texts() -> Iterator[str]:
+        return (doc.text for doc in _read(_sources(cfg)[0], cfg))
+    return texts
 
 
 def validation_documents(cfg: DataConfig) -> tuple[list[Document], str]:
