@@ -104,15 +104,17 @@ def test_wandb_offline_run_folder(trained):
     assert b"train/loss" in data[0].read_bytes()  # the metric names are in the run's record file
 
 
-def test_console_logger_prints_evals_and_samples_only(tmp_path):
+def test_console_logger_prints_a_line_per_log_step_and_samples(tmp_path):
     from simplified_slm.training.loggers import ConsoleLogger, build_loggers
 
     printed: list[str] = []
     console = ConsoleLogger(printed.append)
-    console.log(5, {"train/loss": 2.5, "train/lr": 1e-3})  # per-step numbers are the progress bar's
-    assert printed == []
-    console.log(10, {"val/loss": 1.234567, "train/loss": 2.0, "val/bpb": 1.5})
-    assert printed == ["step 10: val/loss 1.2346  val/bpb 1.5000"]
+    console.log(5, {"train/loss": 2.5, "train/lr": 1e-3, "train/tokens_per_s": 12345.6, "train/grad_norm": 0.3})
+    assert printed == ["step 5: loss 2.5000  lr 1.00e-03  tok/s 12,346"]
+    console.log(10, {"val/loss": 1.234567, "val/bpb": 1.5})
+    assert printed[-1] == "step 10: val/loss 1.2346  val/bpb 1.5000"
+    console.log(11, {"train/skipped_nonfinite": 1.0})  # nothing a person watches: no line
+    assert len(printed) == 2
     console.log_text(10, "sample", "ROMEO: hi")
     assert printed[-1] == "--- sample at step 10 ---\nROMEO: hi\n---"
     # behind the one interface: "console" adds it next to the always-on CSV logger
@@ -120,7 +122,7 @@ def test_console_logger_prints_evals_and_samples_only(tmp_path):
     loggers = build_loggers(["console"], tmp_path, "run", {}, printed.append)
     loggers.log(20, {"val/loss": 0.5, "train/loss": 0.7})
     loggers.close()
-    assert printed == ["step 20: val/loss 0.5000"]
+    assert printed == ["step 20: loss 0.7000  val/loss 0.5000"]
     assert (tmp_path / "metrics.csv").read_text().count("\n20,") == 2
     assert [type(x).__name__ for x in loggers.loggers] == ["CSVLogger", "ConsoleLogger"]
 

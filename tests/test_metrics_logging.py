@@ -1,6 +1,6 @@
 """What a real (tiny) training run writes to metrics.csv for ternary and H-Net models:
 per-group gradient norms, ternary code shares and scales per BitLinear, H-Net compression
-per stage; and what the console logger prints during that run."""
+per stage; and the lines the console logger prints during that run."""
 
 from __future__ import annotations
 
@@ -64,11 +64,14 @@ def check_ternary(metrics: dict[str, float], model: CausalLM) -> None:
 
 
 def check_console(said: list[str]) -> None:
-    """The console logger prints each evaluation and the samples, not per-step numbers."""
+    """The console logger prints a line per log step (loss, lr, tokens/s), each evaluation
+    and the samples."""
+    for step in LOG_STEPS:
+        train = [line for line in said if line.startswith(f"step {step}: loss ")]
+        assert len(train) == 1 and " lr " in train[0] and " tok/s " in train[0], said
     evals = [line for line in said if line.startswith("step 6: val/loss ")]
     assert len(evals) == 1 and "val/bpb " in evals[0], said
     assert any(line.startswith("--- sample at step 6 ---\n") for line in said), said
-    assert not any("train/loss" in line for line in said)
 
 
 def test_bitnet_run_logs_grad_norms_and_ternary_shares(tmp_path):

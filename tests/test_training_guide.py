@@ -6,7 +6,8 @@ and scripts/ (so the guide's relative paths work and its runs/ stay out of the c
 `slm ...` and `python <file> ...` run in this process (same argv, no torch re-import per
 command); anything else runs in bash. `# checked` lines are too long or interactive to
 run: their `slm` arguments must parse and their configs load, their make targets and files
-must exist.
+must exist. The figures the guide quotes from `# tested` commands are checked against what
+those commands produce, within the tolerance the guide states.
 """
 
 import importlib.util
@@ -116,6 +117,29 @@ def check_command(command: str) -> None:
         raise AssertionError(f"no check for '{tool}' commands; run it (# tested) or add a check here")
 
 
+def quoted(pattern: str) -> list[float]:
+    """The numbers `pattern`'s groups capture in the guide (prose wraps lines: any run of
+    whitespace in the guide matches one space in `pattern`)."""
+    text = re.sub(r"\s+", " ", GUIDE.read_text(encoding="utf-8"))
+    match = re.search(pattern, text)
+    assert match, f"{GUIDE.name} no longer quotes /{pattern}/; update this test with the guide"
+    return [float(g) for g in match.groups()]
+
+
+def check_quoted_figures(eval_report: dict, full_report: dict) -> None:
+    """Each BPB the guide quotes equals the one its command produced, within its stated ±."""
+    [tolerance] = quoted(r"checks each quoted figure against what they produce, within ±(\d+\.\d+) BPB")
+    [first_run] = quoted(r"it ends at a validation BPB of (\d+\.\d+)")
+    assert eval_report["metrics"]["bpb"] == pytest.approx(first_run, abs=tolerance)
+    paragraph, lower, upper, stream = quoted(r"the per-paragraph BPB came out at (\d+\.\d+) \(95% interval "
+                                             r"(\d+\.\d+) to (\d+\.\d+)\) against a stream BPB of (\d+\.\d+)")
+    ci, metrics = full_report["bpb_ci95"], full_report["metrics"]
+    for got, said in ((ci["bpb"], paragraph), (ci["lower"], lower), (ci["upper"], upper), (metrics["bpb"], stream)):
+        assert got == pytest.approx(said, abs=tolerance), (got, said)
+    # the guide explains which of the two is lower; that must stay true, not just close
+    assert (ci["bpb"] < metrics["bpb"]) == (paragraph < stream), (ci["bpb"], metrics["bpb"])
+
+
 def test_every_guide_command_is_marked():
     commands = guide_commands()
     unmarked = [f"{GUIDE.name}:{n}: {c}" for n, c, marker in commands if marker is None]
@@ -151,7 +175,7 @@ def test_tested_commands_run(tmp_path, monkeypatch, capsys):
 
     # what the guide says the commands produce
     run = tmp_path / "runs" / "tiny_test"
-    assert json.loads((run / "eval.json").read_text())["metrics"]["bpb"] > 0
+    check_quoted_figures(json.loads((run / "eval.json").read_text()), json.loads((run / "report.json").read_text()))
     assert (run / "checkpoints" / "latest").resolve().name == "step_00000040"  # trained longer
     report = json.loads((run / "report.json").read_text())
     assert report["bpb_ci95"]["lower"] <= report["bpb_ci95"]["bpb"] <= report["bpb_ci95"]["upper"]

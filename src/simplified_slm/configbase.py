@@ -192,8 +192,25 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         else:
             data = json.loads(text)
     except Exception as err:  # json.JSONDecodeError / yaml.YAMLError
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise SLMError(f"cannot parse config {path}: {first}") from None
+        raise SLMError(f"cannot parse config {path}: {parse_error_where(err)}; fix the file there") from None
     if not isinstance(data, dict):
         raise SLMError(f"config {path} must hold a mapping at the top level, got {type(data).__name__}")
     return _check_json(data, f"config {path}")
+
+
+def parse_error_where(err: Exception) -> str:
+    """A JSON or YAML parse error as one line that keeps its position: "line 4, column 2:
+    <problem> (<context> at line 1, column 1)". PyYAML's own message spreads the position
+    over several lines, which a one-line error would otherwise cut off."""
+    if isinstance(err, json.JSONDecodeError):
+        return f"line {err.lineno}, column {err.colno}: {err.msg}"
+    problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
+    if problem is None or mark is None:  # not a marked YAML error
+        return (str(err).splitlines() or [type(err).__name__])[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and context_mark is not None:
+        where += f" ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    elif context:
+        where += f" ({context})"
+    return where

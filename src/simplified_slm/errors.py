@@ -5,6 +5,15 @@ is raised as `SLMError` with a one-line message naming the problem and the fix; 
 prints it without a traceback. Everything else is a bug and keeps its traceback.
 """
 
+import sys
+
 
 class SLMError(Exception):
     """A user-facing error whose message names the problem and how to fix it."""
+
+
+def warn(message: str) -> None:
+    """Tell the user about something left out or worked around, as one `warning:` line on
+    stderr: Python's `warnings` would add a source line and file position that mean nothing
+    to someone running `slm`."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -8,7 +8,6 @@ from simplified_slm.data.corpus import (
     DEFAULT_EXTENSIONS,
     BuiltinDataset,
     Document,
-    SkippedFileWarning,
     builtin_dataset,
     has_validation_split,
     read_documents,
@@ -20,6 +19,7 @@ from simplified_slm.data.prepare import (
     prepare_dataset,
     split_documents,
     token_dtype,
+    tokenizer_texts,
     validation_documents,
 )
 from simplified_slm.data.sampler import SAMPLER_MODES, BatchSampler, iter_eval_batches
@@ -35,7 +35,6 @@ __all__ = [
     "DataConfig",
     "Document",
     "PreparedData",
-    "SkippedFileWarning",
     "TextDataset",
     "builtin_dataset",
     "has_validation_split",
@@ -45,5 +44,6 @@ __all__ = [
     "read_documents",
     "split_documents",
     "token_dtype",
+    "tokenizer_texts",
     "validation_documents",
 ]

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import gzip
 import json
-import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from simplified_slm.data.document import Document
 from simplified_slm.data.hf_local import (
@@ -28,12 +27,12 @@ from simplified_slm.data.hf_local import (
     saved_splits,
     text_documents,
 )
+from simplified_slm.data.skips import OnError, SkipTally
 from simplified_slm.data.wikitext import WIKITEXT
-from simplified_slm.errors import SLMError
+from simplified_slm.errors import SLMError, warn
 
 CORPORA_DIR = Path(__file__).resolve().parent.parent / "corpora"
 DEFAULT_EXTENSIONS: tuple[str, ...] = (".txt", ".md")
-OnError = Literal["raise", "skip"]
 
 _RECORD_FORMATS = (".jsonl", ".json")
 
@@ -57,10 +56,6 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
 
 
 DATASET_NAMES: tuple[str, ...] = (*BUILTIN_DATASETS, *WIKITEXT)  # names that are not paths
-
-
-class SkippedFileWarning(UserWarning):
-    """A file was left out because of `on_error="skip"`; the message names it and why."""
 
 
 def builtin_dataset(name: str) -> BuiltinDataset | None:
@@ -97,9 +92,11 @@ def read_documents(
     Hugging Face `datasets` yields its rows (of `split`, for a DatasetDict); any other folder
     is searched recursively for files whose name ends with one of `extensions`, in sorted
     path order so the same folder always gives the same token stream. With
-    `on_error="skip"` an unreadable file is left out with a `SkippedFileWarning` instead of
-    stopping a long run over one bad file (a missing WikiText file or a bad `save_to_disk`
-    folder always raises: it is the whole dataset, not one file). Raises SLMError naming the source when nothing
+    `on_error="skip"` a bad record (a JSONL line, a JSON record, a table row) or an
+    undecodable byte span is left out, and so is a file that cannot be read at all (binary,
+    corrupt), instead of stopping a long run; each such file gets one `warning:` line on
+    stderr with the counts (a missing WikiText file or a bad `save_to_disk` folder always
+    raises: it is the whole dataset, not one file). Raises SLMError naming the source when nothing
     readable is found, or when `split` is not train and the source has no such split.
     """
     if on_error not in ("raise", "skip"):
@@ -107,13 +104,15 @@ def read_documents(
     files = _source_files(source, split, extensions)
     found = False
     for file in files:
+        tally = SkipTally(on_error)
         try:
-            documents = _read_source(file, split, text_field)
+            documents = _read_source(file, split, text_field, tally)
         except SLMError as err:
             if on_error == "raise" or not (isinstance(file, Path) and file.is_file()):
                 raise  # a dataset name or a saved dataset folder is the whole source
-            warnings.warn(f"skipped {err}", SkippedFileWarning, stacklevel=2)
+            warn(f"skipped {str(err).split('; ', 1)[0]}")  # the problem; its fix would say "skip"
             continue
+        tally.report(file)
         for document in documents:
             if document.text:
                 found = True
@@ -145,13 +144,13 @@ def _source_files(source: str | Path, split: str, extensions: Sequence[str]) -> 
     return [*_list_files(path, extensions)] if path.is_dir() else [path]
 
 
-def _read_source(item: str | Path, split: str, text_field: str) -> list[Document]:
+def _read_source(item: str | Path, split: str, text_field: str, tally: SkipTally) -> list[Document]:
     if isinstance(item, str) and item in WIKITEXT:
         return WIKITEXT[item].documents(split)
     path = Path(item)
     if path.is_dir():
-        return text_documents(load_saved(path, split), str(path), text_field)
-    return _read_file(path, text_field)
+        return text_documents(load_saved(path, split), str(path), text_field, tally)
+    return _read_file(path, text_field, tally)
 
 
 def _list_files(folder: Path, extensions: Sequence[str]) -> list[Path]:
@@ -177,21 +176,22 @@ def _format_of(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
-def _read_file(path: Path, text_field: str) -> list[Document]:
-    """All documents of one file, fully parsed, so a bad record fails the file as a whole
-    (skip mode must not have yielded half of a broken file)."""
+def _read_file(path: Path, text_field: str, tally: SkipTally) -> list[Document]:
+    """All documents of one file, fully parsed before any is yielded, so a file that fails
+    as a whole in skip mode has not contributed half of itself."""
     fmt = _format_of(path)
     if fmt in HF_FILE_FORMATS:
-        return _read_hf_file(path, HF_FILE_FORMATS[fmt], text_field)
-    text = _decode(path)
+        return text_documents(load_files([path], HF_FILE_FORMATS[fmt], str(path)), str(path), text_field, tally)
+    text = _decode(path, tally)
     if fmt in _RECORD_FORMATS:
-        return _parse_records(path, text, text_field)
+        return _parse_records(path, text, text_field, tally)
     return [Document(str(path), text)]
 
 
-def _decode(path: Path) -> str:
+def _decode(path: Path, tally: SkipTally) -> str:
     """UTF-8 text of a (possibly gzipped) file; NUL bytes mean a binary file was picked up,
-    which would otherwise silently poison the vocabulary."""
+    which would otherwise silently poison the vocabulary. An undecodable byte span is an
+    error, or in skip mode is left out and the text around it kept."""
     try:
         raw = path.read_bytes()
         if path.suffix.lower() == ".gz":
@@ -202,14 +202,22 @@ def _decode(path: Path) -> str:
     if nul >= 0:
         raise SLMError(f"{path}: looks binary (NUL byte at offset {nul}); "
                        "remove it from the data or set on_error='skip'")
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise SLMError(f"{path}: not valid UTF-8 (byte offset {err.start}); "
-                       "re-save it as UTF-8 or set on_error='skip'") from None
+    tally.count("bytes", len(raw))
+    pieces, start = [], 0
+    while True:
+        codec = "utf-8-sig" if start == 0 else "utf-8"
+        try:  # each attempt stops at the next bad span, so the loop reads `raw` about once
+            pieces.append(raw[start:].decode(codec))
+            return "".join(pieces)
+        except UnicodeDecodeError as err:
+            tally.bad("bytes", "not UTF-8", SLMError(
+                f"{path}: not valid UTF-8 (byte offset {start + err.start}); "
+                "re-save it as UTF-8 or set on_error='skip'"), n=err.end - err.start)
+            pieces.append(raw[start:start + err.start].decode(codec))
+            start += err.end
 
 
-def _parse_records(path: Path, text: str, text_field: str) -> list[Document]:
+def _parse_records(path: Path, text: str, text_field: str, tally: SkipTally) -> list[Document]:
     """`.json` holds one array of records (or one record); `.jsonl`, and `.json` files that
     are really JSON lines as HF exports them, hold one record per line."""
     if _format_of(path) == ".json":
@@ -220,32 +228,58 @@ def _parse_records(path: Path, text: str, text_field: str) -> list[Document]:
         except json.JSONDecodeError:
             pass  # not one JSON value: read it as JSON lines below
         else:
-            records = data if isinstance(data, list) else [data]
-            return [_record_text(path, i, r, text_field) for i, r in enumerate(records)]
-    documents = []
+            return _record_documents(path, enumerate(data if isinstance(data, list) else [data]),
+                                     text_field, tally, "records")
+    return _record_documents(path, _json_lines(path, text, text_field, tally), text_field, tally, "lines")
+
+
+def _json_lines(path: Path, text: str, text_field: str, tally: SkipTally) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line that is JSON."""
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
+        tally.count("lines")
         try:
-            record = json.loads(line)
+            value = json.loads(line)
         except RecursionError:
-            raise SLMError(f"{path}:{lineno}: JSON nested too deeply to read") from None
+            tally.bad("lines", "nested too deeply", SLMError(f"{path}:{lineno}: JSON nested too deeply to read"))
+            continue
         except json.JSONDecodeError as err:
-            raise SLMError(f"{path}:{lineno}: invalid JSON ({err.msg}); each line must be "
-                           f'one object like {{"{text_field}": "..."}}') from None
-        documents.append(_record_text(path, lineno, record, text_field, what="line"))
+            tally.bad("lines", "not JSON", SLMError(
+                f"{path}:{lineno}: invalid JSON ({err.msg}); each line must be "
+                f'one object like {{"{text_field}": "..."}}'))
+            continue
+        yield lineno, value
+
+
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+               int: "a number", float: "a number", type(None): "null"}
+
+
+def _record_documents(path: Path, records: Iterable[tuple[int, Any]], text_field: str,
+                      tally: SkipTally, unit: str) -> list[Document]:
+    """The `text_field` string of each (index, record) as a document; a record without one
+    raises an error that says what is there instead, or in skip mode is left out."""
+    what = unit[:-1]  # "line 3", "record 3"
+    documents = []
+    for index, record in records:
+        if unit != "lines":  # _json_lines counts its own, bad JSON included
+            tally.count(unit)
+        value = record.get(text_field) if isinstance(record, dict) else None
+        if isinstance(value, str):
+            documents.append(Document(f"{path}:{index}", value))
+            continue
+        if not isinstance(record, dict):
+            reason = "not an object"
+            problem = f"is {_JSON_TYPES.get(type(record), type(record).__name__)}, not an object"
+        elif text_field not in record:
+            reason = f"no '{text_field}' field"
+            problem = f"has no '{text_field}' field (found: {', '.join(map(str, record)) or 'no keys'})"
+        else:
+            kind = _JSON_TYPES.get(type(value), type(value).__name__)
+            reason = f"'{text_field}' is {kind}"
+            problem = f"has a '{text_field}' field, but it is {kind} ({json.dumps(value)[:40]}), not a string"
+        tally.bad(unit, reason, SLMError(
+            f"{path}: {what} {index} {problem}; each {what} needs a string '{text_field}': fix it, "
+            "set the data config's text_field to the key that holds the text, or set on_error='skip'"))
     return documents
-
-
-def _record_text(path: Path, index: int, record: Any, text_field: str,
-                 what: str = "record") -> Document:
-    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-        keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
-        raise SLMError(f"{path}: {what} {index} has no string '{text_field}' field "
-                       f"(found: {keys}); set the data config's text_field to the text key")
-    return Document(f"{path}:{index}", record[text_field])
-
-
-def _read_hf_file(path: Path, fmt: str, text_field: str) -> list[Document]:
-    """Local parquet/csv/arrow files through Hugging Face `datasets`, offline."""
-    return text_documents(load_files([path], fmt, str(path)), str(path), text_field)

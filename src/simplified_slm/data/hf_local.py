@@ -12,11 +12,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from simplified_slm.data.document import Document
+from simplified_slm.data.skips import SkipTally
 from simplified_slm.errors import SLMError
+from simplified_slm.utils.progress import heartbeat
 
 HF_FILE_FORMATS = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 _SAVED_DATASET_FILES = ("dataset_info.json", "state.json")  # Dataset.save_to_disk
@@ -28,7 +31,9 @@ _OFFLINE_ENV = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
 def offline_datasets(what: str) -> Iterator[Any]:
     """The `datasets` module with every offline switch on (restored afterwards).
 
-    `what` names the file being read, for the error when `datasets` is not installed.
+    `what` names the file being read, for the error when `datasets` is not installed. Off a
+    terminal its tqdm bars ("Generating train split") are turned off for the duration, since
+    their carriage-return redraws are junk in a log file; a heartbeat line keeps time instead.
     """
     try:
         import datasets
@@ -44,9 +49,15 @@ def offline_datasets(what: str) -> Iterator[Any]:
     os.environ.update(dict.fromkeys(_OFFLINE_ENV, "1"))
     for module, name in flags:
         setattr(module, name, True)
+    bars_off = not sys.stderr.isatty() and datasets.is_progress_bar_enabled()
+    if bars_off:
+        datasets.disable_progress_bars()
     try:
-        yield datasets
+        with heartbeat(f"reading {what}"):
+            yield datasets
     finally:
+        if bars_off:
+            datasets.enable_progress_bars()
         for (module, name), value in zip(flags, saved):
             setattr(module, name, value)
         for name, value in saved_env.items():
@@ -107,18 +118,23 @@ def load_saved(folder: Path, split: str) -> Any:
     return table[split] if splits else table
 
 
-def text_documents(table: Any, where: str, text_field: str) -> list[Document]:
-    """One document per row of the `text_field` column; empty/missing values are skipped."""
+def text_documents(table: Any, where: str, text_field: str, tally: SkipTally) -> list[Document]:
+    """One document per row of the `text_field` column; empty/missing values are skipped,
+    a row whose value is not text raises or, in skip mode, is counted and left out."""
     if text_field not in table.column_names:
         found = ", ".join(table.column_names)
         raise SLMError(f"{where}: no '{text_field}' column (found: {found}); "
                        "set the data config's text_field to the text column")
     documents = []
     for i, text in enumerate(table[text_field]):
+        tally.count("rows")
         if text is None:
             continue  # missing values are common in tabular data; they hold no text
         if not isinstance(text, str):
-            raise SLMError(f"{where}: row {i} '{text_field}' is {type(text).__name__}, not text; "
-                           "set text_field to a string column")
+            kind = type(text).__name__
+            tally.bad("rows", f"'{text_field}' is {kind}", SLMError(
+                f"{where}: row {i} '{text_field}' is {kind}, not text; set text_field to a string "
+                "column or set on_error='skip'"))
+            continue
         documents.append(Document(f"{where}[{i}]", text))
     return documents

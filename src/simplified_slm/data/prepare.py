@@ -18,10 +18,9 @@ import hashlib
 import itertools
 import json
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from simplified_slm.configbase import ConfigBase
 from simplified_slm.data.corpus import (
@@ -35,12 +34,12 @@ from simplified_slm.data.corpus import (
 from simplified_slm.errors import SLMError
 from simplified_slm.tokenizers.base import Tokenizer
 from simplified_slm.utils.io import atomic_write, atomic_write_json
+from simplified_slm.utils.progress import progress
 
 FORMAT = "simplified_slm.prepared/1"
 META_FILE = "meta.json"
 SPLITS = ("train", "val")
 _CHUNK_CHARS = 1 << 20  # bounds the peak memory of one encode_ids call (ids as Python ints)
-_PROGRESS_MIN_CHARS = 1 << 22  # smaller inputs finish before a progress bar helps
 _PROBE_CHARS = 4096
 
 
@@ -56,7 +55,7 @@ class DataConfig(ConfigBase):
     extensions: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_EXTENSIONS))
     max_train_bytes: int | None = None  # cap on training text for quick runs; val is not capped
     append_eos: bool = True  # separate documents with the tokenizer's eos id, if it has one
-    on_error: Literal["raise", "skip"] = "raise"  # "skip": leave out unreadable files, warn
+    on_error: Literal["raise", "skip"] = "raise"  # "skip": leave out bad records/bytes/files, one warning per file
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str | None = None) -> "DataConfig":
@@ -183,6 +182,16 @@ def _read(source: str, cfg: DataConfig, split: str = "train") -> list[Document]:
                                on_error=cfg.on_error, split=split))
 
 
+def tokenizer_texts(cfg: DataConfig) -> Callable[[], Iterator[str]]:
+    """Zero-argument callable over the training texts a tokenizer learns its vocab from, read
+    with the data config's text_field, extensions and on_error, so that a tokenizer trains on
+    the documents the token files will hold (not on the defaults, which fail on a JSONL whose
+    text is under another key)."""
+    def texts() -> Iterator[str]:
+        return (doc.text for doc in _read(_sources(cfg)[0], cfg))
+    return texts
+
+
 def validation_documents(cfg: DataConfig) -> tuple[list[Document], str]:
     """The validation documents `prepare_dataset` uses for `cfg`, and where they came from."""
     return _load_splits(cfg, train=False)[1:]
@@ -228,18 +237,14 @@ def _chunks(text: str, size: int) -> Iterator[str]:
 
 
 def _write_tokens(path: Path, documents: Sequence[Document], tokenizer: Tokenizer,
-                  eos: int | None, dtype: np.dtype, desc: str) -> int:
-    """Tokenize `documents` chunk by chunk into `path` (atomically); returns the token count."""
-    total_chars = sum(len(d.text) for d in documents)
-    quiet = total_chars < _PROGRESS_MIN_CHARS
+                  eos: int | None, dtype: np.dtype, desc: str, total_bytes: int) -> int:
+    """Tokenize `documents` chunk by chunk into `path` (atomically), reporting the bytes and
+    documents done on stderr (see utils/progress.py); returns the token count."""
     count = 0
 
     def write(tmp: Path) -> None:
         nonlocal count
-        # disable=None: tqdm shows the bar only on a terminal
-        progress = tqdm(total=total_chars, unit="char", unit_scale=True, desc=desc,
-                        leave=False, disable=True if quiet else None)
-        with open(tmp, "wb") as f, progress:
+        with open(tmp, "wb") as f, progress(total_bytes, desc=desc, unit="B", unit_scale=True, leave=False) as bar:
             for i, doc in enumerate(documents):
                 if i and eos is not None:
                     f.write(np.asarray([eos], dtype=dtype).tobytes())
@@ -251,7 +256,8 @@ def _write_tokens(path: Path, documents: Sequence[Document], tokenizer: Tokenize
                                          f"[0, {tokenizer.vocab_size}); the tokenizer is broken")
                     f.write(ids.astype(dtype).tobytes())
                     count += ids.size
-                    progress.update(len(chunk))
+                    bar.set_postfix(documents=f"{i + 1}/{len(documents)}", refresh=False)
+                    bar.update(len(chunk.encode("utf-8")))
         if count == 0:
             raise SLMError(f"{desc}: the tokenizer produced no tokens; check the data and "
                            "the tokenizer")
@@ -301,7 +307,7 @@ def prepare_dataset(cfg: DataConfig, tokenizer: Tokenizer, out_dir: str | Path) 
     (directory / META_FILE).unlink(missing_ok=True)
     meta_splits = {
         name: {"tokens": _write_tokens(directory / f"{name}.bin", docs, tokenizer, eos, dtype,
-                                       f"tokenizing {name}"),
+                                       f"tokenizing {name}", digests[name][1]),
                "bytes": digests[name][1], "documents": len(docs)}
         for name, docs in splits.items()
     }

@@ -8,8 +8,9 @@ ratio sum(nats) / sum(bytes) then gives a 95% interval for the split's BPB.
 A document is scored on its own: its ids (after an EOS id as the only context, when the
 tokenizer has one, exactly as documents follow each other in the training stream) are cut
 into windows of the model's context, and every id after the first is a target exactly once.
-So the per-document BPB is a little higher than the stream BPB of `evaluate_lm`, which lets
-a window start in the middle of the previous document.
+It differs from the stream BPB of `evaluate_lm` either way: the missing context pushes it up,
+the targets it leaves out (paragraph breaks; the first id when there is no EOS) can push it
+down (docs/TRAINING_GUIDE.md section 6 quotes a measured case).
 """
 
 from __future__ import annotations

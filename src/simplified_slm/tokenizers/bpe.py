@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -114,8 +115,11 @@ class BPETokenizer(Tokenizer):
         hf = HFTokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()
+        # HF draws its own bars for counting and merging, on a terminal only (they are
+        # carriage-return redraws); elsewhere the caller's line progress covers the reading
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=sys.stderr.isatty())
         hf.train_from_iterator(texts, trainer)
         return cls._with_detected_specials(hf, {})
 

@@ -16,6 +16,7 @@ from simplified_slm.tokenizers.base import SLM_TOKENIZER_CONFIG, TOKENIZER_CONFI
 from simplified_slm.tokenizers.bpe import TOKENIZER_FILE, BPETokenizer, min_bpe_vocab_size
 from simplified_slm.tokenizers.byte import ByteTokenizer
 from simplified_slm.tokenizers.char import CharPolicy, CharTokenizer
+from simplified_slm.utils.progress import heartbeat, texts_with_progress
 
 RUN_TOKENIZER_DIR = "tokenizer"  # where `slm train` saves the tokenizer inside a run folder
 _SAVED_KINDS: dict[str, type[Tokenizer]] = {cls.kind: cls for cls in (ByteTokenizer, CharTokenizer, BPETokenizer)}
@@ -58,9 +59,12 @@ def build_tokenizer(cfg: TokenizerConfig, texts: Callable[[], Iterable[str]] | N
     if texts is None:
         raise SLMError(f"tokenizer kind '{cfg.kind}' learns its vocab from the training texts, but none "
                        "were given; pass texts= to build_tokenizer")
+    # learning a vocab reads the whole corpus: say how far it got (see utils/progress.py)
+    read = texts_with_progress(texts(), f"tokenizer ({cfg.kind}): reading text")
     if cfg.kind == "char":
-        return CharTokenizer.from_corpus(texts())
-    return BPETokenizer.train(texts(), vocab_size=cfg.vocab_size or 0)
+        return CharTokenizer.from_corpus(read)
+    with heartbeat(f"tokenizer (bpe): learning a {cfg.vocab_size}-token vocab"):
+        return BPETokenizer.train(read, vocab_size=cfg.vocab_size or 0)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

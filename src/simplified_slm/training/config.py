@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from simplified_slm.configbase import ConfigBase, read_config_file
+from simplified_slm.configbase import ConfigBase, parse_error_where, read_config_file
 from simplified_slm.data.prepare import DataConfig
 from simplified_slm.data.sampler import SAMPLER_MODES
 from simplified_slm.errors import SLMError
@@ -235,8 +235,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         dotted, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
+        except yaml.YAMLError as err:
+            if raw.lstrip().startswith(("[", "{")):  # meant as a list or mapping: say what is wrong
+                raise SLMError(f"override {item!r}: the value is not valid YAML ({parse_error_where(err)}); "
+                               "fix the brackets, or quote the whole value to pass it as text") from None
+            value = raw  # plain text that YAML cannot read, e.g. a prompt with a ': '
         if isinstance(value, str):  # YAML 1.1 reads 3e-3 as a string; users mean the number
             try:
                 value = float(value)

@@ -55,15 +55,22 @@ class CSVLogger(Logger):
 
 
 class ConsoleLogger(Logger):
-    """Prints eval results and samples; per-step numbers live in the progress bar."""
+    """One line per logged step: training loss, lr and throughput, then validation metrics
+    when they are logged, and the samples. Whole lines, because a long run's output is
+    often a log file or a pipe, where a progress bar's redraws are unreadable."""
+
+    # (metric, label, format) of the training numbers a person watches
+    TRAIN_SHOWN = (("train/loss", "loss", "{:.4f}"), ("train/lr", "lr", "{:.2e}"),
+                   ("train/tokens_per_s", "tok/s", "{:,.0f}"))
 
     def __init__(self, write: Callable[[str], None]) -> None:
         self.write = write
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        shown = {k: v for k, v in metrics.items() if k.startswith("val/")}
+        shown = [f"{label} {fmt.format(metrics[name])}" for name, label, fmt in self.TRAIN_SHOWN if name in metrics]
+        shown += [f"{name} {value:.4f}" for name, value in metrics.items() if name.startswith("val/")]
         if shown:
-            self.write(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+            self.write(f"step {step}: " + "  ".join(shown))
 
     def log_text(self, step: int, tag: str, text: str) -> None:
         self.write(f"--- {tag} at step {step} ---\n{text}\n---")
