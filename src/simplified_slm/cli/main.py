@@ -59,15 +59,14 @@ def _note_vocab_size(asked: int | None, tokenizer) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from simplified_slm.data import prepare_dataset
+    from simplified_slm.data import prepare_dataset, tokenizer_texts
     from simplified_slm.data.prepare import META_FILE
     from simplified_slm.tokenizers import build_tokenizer
-    from simplified_slm.training.trainer import training_texts
 
     cfg = _experiment(args)
     out = check_output_dir(args.out or Path(cfg.output_dir) / "data", "--out", args.overwrite,
                            reusable=lambda folder: (folder / META_FILE).is_file())  # refreshed in place
-    tokenizer = build_tokenizer(cfg.tokenizer, training_texts(cfg))
+    tokenizer = build_tokenizer(cfg.tokenizer, tokenizer_texts(cfg.data))
     _note_vocab_size(cfg.tokenizer.vocab_size, tokenizer)
 
     def write(folder: Path):

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from simplified_slm.data import DataConfig, iter_eval_batches, prepare_dataset, read_documents
+from simplified_slm.data import DataConfig, iter_eval_batches, prepare_dataset, tokenizer_texts
 from simplified_slm.errors import SLMError
 from simplified_slm.evaluation.metrics import evaluate_lm
 from simplified_slm.models.base import CausalLM
@@ -53,6 +53,7 @@ from simplified_slm.training.optim import build_optimizer, clock_learning_rate, 
 from simplified_slm.training.precision import autocast_dtype
 from simplified_slm.training.run_info import RunLock, new_run_id, write_run_info
 from simplified_slm.training.step import StepSetup, StepStats, TrainState, model_loss, train_step
+from simplified_slm.utils.progress import progress
 
 
 SIGNAL_STOPS = ("SIGINT", "SIGTERM")  # stop reasons set by the signal handler (no final eval)
@@ -67,15 +68,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SLMError(f"device {name!r} was asked for but CUDA is not available; use --device cpu or auto")
     return device
-
-
-def training_texts(cfg: ExperimentConfig) -> Callable[[], Any]:
-    """Zero-argument callable over the training texts (for char-vocab and BPE training)."""
-    source = cfg.data.train_file or cfg.data.dataset
-
-    def texts() -> Any:
-        return (doc.text for doc in read_documents(source))
-    return texts
 
 
 @dataclass
@@ -123,7 +115,7 @@ class Trainer:
             tokenizer = load_tokenizer(start)
             tokenizer.save(tok_dir)
         else:
-            tokenizer = build_tokenizer(self.cfg.tokenizer, training_texts(self.cfg))
+            tokenizer = build_tokenizer(self.cfg.tokenizer, tokenizer_texts(self.cfg.data))
             tokenizer.save(tok_dir)
         self.dist.barrier()
         return tokenizer
@@ -292,8 +284,8 @@ class Trainer:
         tcfg = self.cfg.train
         losses: list[float] = []
         self.val: dict[str, float] = {}
-        bar = tqdm(total=tcfg.max_steps, initial=state.step, disable=not tcfg.progress, dynamic_ncols=True,
-                   desc="train", unit="step")
+        bar = progress(total=tcfg.max_steps, initial=state.step, disable=not tcfg.progress, desc="train",
+                       unit="step")
         self.started = self.window_start = self.step_ended = time.perf_counter()
         self.window_steps, self.overhead_seconds = 0, 0.0
         state.model.train()
