@@ -26,7 +26,7 @@ from simplified_slm.tokenizers import (
 )
 from simplified_slm.tokenizers.char import UNK_TEXT, normalize_ascii
 
-CORPORA = Path(__file__).resolve().parents[1] / "src" / "simplified_slm" / "corpora"
+CORPORA = Path(__file__).resolve().parents[2] / "src" / "simplified_slm" / "corpora"
 PROPERTY = settings(max_examples=200, deadline=None)
 
 

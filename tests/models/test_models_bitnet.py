@@ -174,7 +174,7 @@ def test_mla_config_errors_name_the_field(overrides, field):
 
 # --- TinyLM's training setup: JSONL train/val files, TinyLM configs --------------------
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_seed_jsonl_train_and_val_files_prepare_as_separate_splits(tmp_path):

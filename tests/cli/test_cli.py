@@ -106,7 +106,7 @@ def test_missing_and_corrupt_checkpoints(tmp_path, trained):
 def test_seed_generate_without_a_model_runs_on_a_fresh_clone(tmp_path):
     """The original reference's `python generate.py --prompt "Hello" --max_tokens 100 --temperature 0.8`.
 
-    generate.py passes `--untrained` itself; `slm generate` alone refuses (tests/test_loading.py)."""
+    generate.py passes `--untrained` itself; `slm generate` alone refuses (tests/models/test_loading.py)."""
     result = subprocess.run([sys.executable, str(REPO / "generate.py"), "--prompt", "Hello", "--max_tokens", "20",
                              "--temperature", "0.8"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

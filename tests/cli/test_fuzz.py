@@ -3,7 +3,7 @@
 The contract under test is the project's error rule: anything a user can get wrong raises
 `SLMError` with a one-line message (the CLI prints it as `error: ...` and exits 2) and
 nothing else escapes, while valid input still works. Tokenizer round trips are fuzzed in
-tests/test_tokenizers.py.
+tests/tokenizers/test_tokenizers.py.
 """
 
 from __future__ import annotations
