@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from simplified_slm import metric_names as M
 from simplified_slm.errors import SLMError
 
 LOGGERS = ("csv", "console", "tensorboard", "wandb")  # see build_loggers
@@ -60,15 +61,15 @@ class ConsoleLogger(Logger):
     often a log file or a pipe, where a progress bar's redraws are unreadable."""
 
     # (metric, label, format) of the training numbers a person watches
-    TRAIN_SHOWN = (("train/loss", "loss", "{:.4f}"), ("train/lr", "lr", "{:.2e}"),
-                   ("train/tokens_per_s", "tok/s", "{:,.0f}"))
+    TRAIN_SHOWN = ((M.TRAIN_LOSS, "loss", "{:.4f}"), (M.TRAIN_LR, "lr", "{:.2e}"),
+                   (M.TRAIN_TOKENS_PER_S, "tok/s", "{:,.0f}"))
 
     def __init__(self, write: Callable[[str], None]) -> None:
         self.write = write
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         shown = [f"{label} {fmt.format(metrics[name])}" for name, label, fmt in self.TRAIN_SHOWN if name in metrics]
-        shown += [f"{name} {value:.4f}" for name, value in metrics.items() if name.startswith("val/")]
+        shown += [f"{name} {value:.4f}" for name, value in metrics.items() if name.startswith(M.VAL_PREFIX)]
         if shown:
             self.write(f"step {step}: " + "  ".join(shown))
 
