@@ -102,6 +102,14 @@ def test_char_ascii_policy_ids() -> None:
     np.testing.assert_array_equal(tokenizer.token_byte_lengths(), [0] + [1] * 98)
 
 
+def test_unknown_char_ids_decode_to_nothing() -> None:
+    # a sample with <UNK> reads as text: no U+FFFD marks, no "?" that could be a real one
+    tokenizer = CharTokenizer()
+    assert tokenizer.decode([35, 1, 36, 1]) == "AB"
+    assert tokenizer.decode(tokenizer.encode_ids("caf中e")) == "cafe"
+    assert tokenizer.normalize("caf中e") == "cafe"
+
+
 def test_normalize_ascii_folds_typography() -> None:
     text = "\u2018a\u2019 \u201cb\u201d 1\u20132 x\u2014y wait\u2026\u00a0caf\u00e9\r\nend\rnow\ufeff"
     assert normalize_ascii(text) == "'a' \"b\" 1-2 x--y wait... cafe\nend\nnow"
@@ -117,7 +125,8 @@ def test_char_decode_of_encode_is_normalize(text: str) -> None:
     normalized = tokenizer.normalize(text)
     assert tokenizer.decode(tokenizer.encode_ids(text)) == normalized
     assert tokenizer.normalize(normalized) == normalized
-    assert len(tokenizer.encode_ids(text)) == len(normalized)
+    ids = tokenizer.encode_ids(text)  # one id per folded character; <UNK> decodes to nothing
+    assert len(ids) == len(normalized) + ids.count(tokenizer.unk_token_id)
 
 
 def test_char_from_corpus_tiny_shakespeare(tmp_path: Path) -> None:

@@ -10,9 +10,10 @@ a tiny vocab cannot cover all of Unicode. Two policies decide what happens to th
 * "corpus": the vocab is the sorted set of characters seen in the training texts and no
   folding is applied, so the corpus itself is represented exactly.
 
-Any character still outside the vocab becomes `<UNK>`, which decodes to U+FFFD: a single
-character (decoded text stays aligned with the ids) that re-encodes to `<UNK>` again, and
-that cannot be mistaken for a real "?" in a sample. `<PAD>` decodes to "".
+Any character still outside the vocab becomes `<UNK>`, which decodes to nothing (as `<PAD>`
+does): a sample a model writes then reads as text, without U+FFFD marks that look like
+broken UTF-8 and without a "?" that could be mistaken for a real one. BPB still charges
+`<UNK>` one byte (`token_byte_lengths`), so dropping it from decoded text changes no metric.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from simplified_slm.utils.io import atomic_write_json
 
 PAD_TOKEN = "<PAD>"
 UNK_TOKEN = "<UNK>"
-UNK_TEXT = "\ufffd"
+UNK_TEXT = ""  # what `<UNK>` decodes to (see the module docstring)
 VOCAB_FILE = "vocab.json"
 ASCII_CHARS: tuple[str, ...] = (*(chr(i) for i in range(32, 127)), "\n", "\t")
 CharPolicy = Literal["ascii", "corpus"]
@@ -121,7 +122,7 @@ class CharTokenizer(Tokenizer):
         return "".join(self._pieces[i] for i in self._checked_ids(ids))
 
     def normalize(self, text: str) -> str:
-        """Folded text with out-of-vocab characters replaced by U+FFFD, as `decode` gives it."""
+        """Folded text without the out-of-vocab characters, as `decode` gives it."""
         return "".join(c if c in self._ids else UNK_TEXT for c in self._fold(text))
 
     def token_byte_lengths(self) -> np.ndarray:
