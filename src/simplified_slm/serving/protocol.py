@@ -42,6 +42,7 @@ class SamplingFields(BaseModel):
     stop: Union[str, list[str], None] = None
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
     stream: bool = False
+    stream_options: Optional[dict] = None
     user: Optional[str] = None
 
     @field_validator("temperature", "top_p")
@@ -57,6 +58,10 @@ class SamplingFields(BaseModel):
         if isinstance(value, list) and len(value) > MAX_STOP:
             raise ValueError(f"at most {MAX_STOP} stop sequences")
         return value
+
+    def include_usage(self) -> bool:
+        """OpenAI's `stream_options.include_usage`: a last chunk with usage and no choices."""
+        return bool(self.stream_options and self.stream_options.get("include_usage") is True)
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

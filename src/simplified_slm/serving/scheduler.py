@@ -113,6 +113,7 @@ class Scheduler:
     _draining: bool = False
     _stopping: bool = False
     _thread: threading.Thread | None = None
+    _generated: int = 0  # tokens sampled since start, for /health
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="slm-scheduler", daemon=True)
@@ -143,7 +144,8 @@ class Scheduler:
             self._cond.notify()
 
     def load(self) -> dict[str, int]:
-        return {"running": sum(len(b.rows) for b in self._batches), "waiting": len(self._waiting)}
+        return {"running": sum(len(b.rows) for b in self._batches), "waiting": len(self._waiting),
+                "generated_tokens": self._generated}
 
     # --- the model thread -------------------------------------------------------------
 
@@ -269,6 +271,7 @@ class Scheduler:
                                     top_k=s.top_k or None, top_p=s.top_p, generator=row.generator)[0])
             row.generated += 1
             job.completion_tokens += 1
+            self._generated += 1
             if token == eos:
                 self._finish(row, row.text.flush(), "stop")
                 continue
