@@ -224,25 +224,38 @@ class Reply:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
                 "system_fingerprint": None, "choices": choices}
 
+    async def _events_now(self, timeout: float | None = None) -> list[tuple]:
+        """The next event (waiting up to `timeout`; [] when none came) plus all already queued.
+
+        Taking what piled up in one go keeps the event loop's per-token work from growing
+        with the batch: a streamed reply then sends the tokens of several steps as one chunk.
+        """
+        try:
+            first = await asyncio.wait_for(self.queue.get(), timeout) if timeout else await self.queue.get()
+        except asyncio.TimeoutError:
+            return []
+        events = [first]
+        while not self.queue.empty():
+            events.append(self.queue.get_nowait())
+        return events
+
     async def collect(self, request: Request, echo: list[str] | None) -> JSONResponse | None:
         texts = list(echo) if echo else [""] * self.job.rows
         reasons: list[str | None] = [None] * self.job.rows
+        done = False
         try:
-            while True:
-                try:
-                    event = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return None
-                    continue
-                if event[0] == "error":
-                    raise event[1]
-                if event[0] in ("delta", "finish"):
-                    texts[event[1]] += event[2]
-                if event[0] == "finish":
-                    reasons[event[1]] = event[3]
-                if event[0] == "done":
-                    break
+            while not done:
+                events = await self._events_now(DISCONNECT_POLL_S)
+                if not events and await request.is_disconnected():
+                    return None
+                for event in events:
+                    if event[0] == "error":
+                        raise event[1]
+                    if event[0] in ("delta", "finish"):
+                        texts[event[1]] += event[2]
+                    if event[0] == "finish":
+                        reasons[event[1]] = event[3]
+                    done = done or event[0] == "done"
         finally:
             self.job.cancelled = True  # stops generation if we left early; harmless after done
         if self.chat:
@@ -279,18 +292,23 @@ class Reply:
                 elif echo and echo[i]:
                     yield sse(self._chunk(i, echo[i], None))
             while open_choices:
-                event = await self.queue.get()
-                if event[0] == "error":
-                    yield sse(event[1].body())
-                    return
-                if event[0] == "delta":
-                    yield sse(self._chunk(event[1], event[2], None))
-                elif event[0] == "finish":
-                    open_choices -= 1
-                    chunk = self._chunk(event[1], event[2], event[3])
-                    if not open_choices:  # every response carries usage: the last chunk has it
-                        chunk["usage"] = self.usage()
-                    yield sse(chunk)
+                pending: dict[int, str] = {}  # deltas that arrived together go out as one chunk
+                out = []
+                for event in await self._events_now():
+                    if event[0] == "error":
+                        yield "".join(out) + sse(event[1].body())
+                        return
+                    if event[0] == "delta":
+                        pending[event[1]] = pending.get(event[1], "") + event[2]
+                    elif event[0] == "finish":
+                        open_choices -= 1
+                        chunk = self._chunk(event[1], pending.pop(event[1], "") + event[2], event[3])
+                        if not open_choices:  # every response carries usage: the last chunk has it
+                            chunk["usage"] = self.usage()
+                        out.append(sse(chunk))
+                text = "".join([sse(self._chunk(i, delta, None)) for i, delta in pending.items()] + out)
+                if text:
+                    yield text
             if include_usage:
                 yield sse({**self._envelope([], self._chunk(0, None, None)["object"]), "usage": self.usage()})
             yield "data: [DONE]\n\n"
