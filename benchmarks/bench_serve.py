@@ -8,9 +8,10 @@ per level: requests/s, aggregate tokens/s, p50/p95 time to first token and laten
 failed requests, and the server's resident memory (VmRSS) before and after. The whole
 sweep runs `--repeats` times so RSS growth across repeats shows up.
 
-The clients are threads of this process using the official `openai` client; on a 2-core
-machine they compete with the server for CPU, so absolute numbers are pessimistic and the
-ratio between levels is what to read.
+The clients are threads of this process (httpx, SSE parsed with json); on a 2-core
+machine they compete with the server for CPU, so absolute numbers are pessimistic. The
+server's CPU time per generated token is reported too: unlike tokens/s it does not
+depend on what else the machine is running, and it shows what batching saves.
 
     python benchmarks/bench_serve.py             # 3 repeats of 1/4/8/16 clients
     python benchmarks/bench_serve.py --quick     # one short repeat
@@ -32,14 +33,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import openai
 import torch
 
 from simplified_slm.models.registry import build_model
 from simplified_slm.tokenizers import ByteTokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve.json"
-MODEL = {"family": "gpt", "vocab_size": 256, "n_layers": 4, "d_model": 256, "n_heads": 4, "context_length": 512}
+MODEL = {"family": "gpt", "vocab_size": 256, "n_layers": 4, "d_model": 128, "n_heads": 4, "context_length": 512}
 
 
 def rss_mb(pid: int) -> float:
@@ -47,6 +47,12 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -62,21 +68,32 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def one_request(client: openai.OpenAI, max_tokens: int, seed: int) -> dict:
+def one_request(http: httpx.Client, max_tokens: int, seed: int) -> dict:
+    """One streamed completion; SSE lines are parsed with json only (the `openai` client's
+    per-chunk models cost the 2-core machine more CPU than the server's work per token)."""
     start = time.perf_counter()
     first, tokens = None, 0
-    for chunk in client.completions.create(model="bench", prompt="Once upon a time", max_tokens=max_tokens,
-                                           temperature=0.8, seed=seed, stream=True):
-        if first is None and chunk.choices and chunk.choices[0].text:
-            first = time.perf_counter()
-        if chunk.usage is not None:
-            tokens = chunk.usage.completion_tokens
+    body = {"model": "bench", "prompt": "Once upon a time", "max_tokens": max_tokens, "temperature": 0.8,
+            "seed": seed, "stream": True}
+    with http.stream("POST", "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {response.read()[:200]!r}")
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                first = time.perf_counter()
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
     end = time.perf_counter()
     return {"ttft": (first or end) - start, "latency": end - start, "tokens": tokens}
 
 
 def run_level(url: str, clients: int, requests: int, max_tokens: int, seconds: float, pid: int) -> dict:
-    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+    http = httpx.Client(base_url=url, timeout=120, limits=httpx.Limits(max_connections=clients))
     stop_at = time.perf_counter() + seconds
     results, failures, lock = [], [], threading.Lock()
 
@@ -85,22 +102,25 @@ def run_level(url: str, clients: int, requests: int, max_tokens: int, seconds: f
             if time.perf_counter() > stop_at:
                 return
             try:
-                outcome = one_request(client, max_tokens, seed=index * 1000 + r)
+                outcome = one_request(http, max_tokens, seed=index * 1000 + r)
                 with lock:
                     results.append(outcome)
             except Exception as err:  # counted and reported, never hidden
                 with lock:
                     failures.append(repr(err))
 
-    rss_before = rss_mb(pid)
+    rss_before, cpu_before = rss_mb(pid), cpu_seconds(pid)
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(worker, range(clients)))
     wall = time.perf_counter() - start
+    http.close()
     tokens = sum(r["tokens"] for r in results)
+    server_cpu = cpu_seconds(pid) - cpu_before
     return {"clients": clients, "requests": len(results), "failed": len(failures), "failures": failures[:3],
             "wall_s": round(wall, 3), "requests_per_s": round(len(results) / wall, 3),
             "tokens_per_s": round(tokens / wall, 1),
+            "server_cpu_ms_per_token": round(1000 * server_cpu / max(tokens, 1), 3),
             "ttft_p50_ms": round(1000 * percentile([r["ttft"] for r in results], 0.5), 1),
             "ttft_p95_ms": round(1000 * percentile([r["ttft"] for r in results], 0.95), 1),
             "latency_p50_ms": round(1000 * percentile([r["latency"] for r in results], 0.5), 1),
@@ -149,18 +169,19 @@ def main() -> None:
         model.save_pretrained(Path(tmp) / "model", tokenizer=ByteTokenizer())
         proc, url = start_server(Path(tmp) / "model", max(levels), args.threads, Path(tmp) / "server.log")
         try:
-            one_request(openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0), 8, 0)  # warm-up
+            with httpx.Client(base_url=url, timeout=120) as http:
+                one_request(http, 8, 0)  # warm-up
             rounds = []
             for repeat in range(args.repeats):
                 rows = [run_level(url, c, args.requests, args.max_tokens, args.level_seconds, proc.pid) for c in levels]
                 rounds.append(rows)
                 print(f"\nrepeat {repeat + 1}/{args.repeats}")
                 print(f"{'clients':>7} {'req/s':>7} {'tok/s':>8} {'ttft p50':>9} {'ttft p95':>9} {'lat p50':>8} "
-                      f"{'lat p95':>8} {'failed':>6} {'rss MB before/after':>20}")
+                      f"{'lat p95':>8} {'cpu ms/tok':>10} {'failed':>6} {'rss MB before/after':>20}")
                 for r in rows:
                     print(f"{r['clients']:>7} {r['requests_per_s']:>7.2f} {r['tokens_per_s']:>8.1f} "
                           f"{r['ttft_p50_ms']:>7.0f}ms {r['ttft_p95_ms']:>7.0f}ms {r['latency_p50_ms']:>6.0f}ms "
-                          f"{r['latency_p95_ms']:>6.0f}ms {r['failed']:>6} "
+                          f"{r['latency_p95_ms']:>6.0f}ms {r['server_cpu_ms_per_token']:>10.2f} {r['failed']:>6} "
                           f"{r['rss_before_mb']:>9.1f}/{r['rss_after_mb']:.1f}")
         finally:
             proc.terminate()
