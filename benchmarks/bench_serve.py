@@ -39,7 +39,7 @@ from simplified_slm.models.registry import build_model
 from simplified_slm.tokenizers import ByteTokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve.json"
-MODEL = {"family": "gpt", "vocab_size": 256, "n_layers": 4, "d_model": 128, "n_heads": 4, "context_length": 512}
+MODEL = {"family": "gpt", "vocab_size": 256, "n_layers": 6, "d_model": 256, "n_heads": 8, "context_length": 512}
 
 
 def rss_mb(pid: int) -> float:

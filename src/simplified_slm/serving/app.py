@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -52,6 +53,30 @@ def context_tokens(model: Any) -> int:
             or UNBOUNDED_CONTEXT_TOKENS)
 
 
+class Mailbox:
+    """Hands scheduler events (from its thread) to the event loop, waking the loop once per
+    burst: a decode step's events for every request arrive in one call instead of one each."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.items, self.lock = loop, [], threading.Lock()
+
+    def post(self, queue: asyncio.Queue, event: tuple) -> None:
+        with self.lock:
+            self.items.append((queue, event))
+            if len(self.items) > 1:
+                return  # the flush scheduled by the first item will take this one too
+        try:
+            self.loop.call_soon_threadsafe(self._flush)
+        except RuntimeError:  # the event loop is gone (shutdown)
+            pass
+
+    def _flush(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        for queue, event in items:
+            queue.put_nowait(event)
+
+
 class BodyLimit:
     """Refuses request bodies over `limit` bytes with 413, declared or streamed."""
 
@@ -85,6 +110,7 @@ def create_app(model: Any, tokenizer: Any, config: ServerConfig, chat: ChatForma
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        app.state.mailbox = Mailbox(asyncio.get_running_loop())
         scheduler.start()
         yield
         scheduler.stop()
@@ -162,13 +188,11 @@ def create_app(model: Any, tokenizer: Any, config: ServerConfig, chat: ChatForma
         if len(prompts) * body.n > config.max_batch:
             raise APIError(400, f"n x prompts = {len(prompts) * body.n} exceeds the server's --max-batch "
                            f"{config.max_batch}", param="n")
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        queue: asyncio.Queue = asyncio.Queue()
+        mailbox = app.state.mailbox
 
         def emit(event: tuple) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, event)
-            except RuntimeError:  # the event loop is gone (shutdown)
-                pass
+            mailbox.post(queue, event)
 
         sampling = Sampling(max_tokens, body.temperature, body.top_p, body.top_k, body.seed, tuple(stop))
         job = Job(prompts, body.n, sampling, emit, time.monotonic() + config.request_timeout_s)

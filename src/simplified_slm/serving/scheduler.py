@@ -85,6 +85,10 @@ class _Batch:
     cache: Any
     mask: torch.Tensor      # (rows, cache length) 1 = real token
     logits: torch.Tensor    # (rows, vocab) next-token logits not yet sampled
+    padded: bool = True     # whether `mask` has a 0 (without, the model needs no mask at all)
+
+    def __post_init__(self) -> None:
+        self.padded = not bool(self.mask.all())
 
     def select(self, keep: list[int]) -> None:
         index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
@@ -97,6 +101,7 @@ class _Batch:
         if padding:
             trim_left(self.cache, padding)
             self.mask = self.mask[:, padding:]
+        self.padded = not bool(self.mask.all())
 
 
 @dataclass
@@ -254,6 +259,7 @@ class Scheduler:
         mask[len(batch.rows):, width - new.mask.shape[1]:] = new.mask
         batch.rows, batch.cache, batch.mask = rows, cache, mask
         batch.logits = torch.cat([batch.logits, new.logits])
+        batch.padded = not bool(mask.all())
         return True
 
     def _step(self, batch: _Batch) -> None:
@@ -289,7 +295,9 @@ class Scheduler:
             return
         column = torch.tensor(tokens, dtype=torch.long, device=batch.mask.device).unsqueeze(1)
         batch.mask = torch.cat([batch.mask, torch.ones_like(column)], dim=1)
-        batch.logits = self.model(column, attention_mask=batch.mask, cache=batch.cache).logits[:, -1]
+        # no mask without padding: positions then count from the cache length, the same numbers
+        mask = batch.mask if batch.padded else None
+        batch.logits = self.model(column, attention_mask=mask, cache=batch.cache).logits[:, -1]
 
     def _finish(self, row: _Row, delta: str, reason: str) -> None:
         job = row.job
