@@ -37,9 +37,10 @@ def test_joined_caches_continue_like_separate_ones(family):
         torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_requests_admitted_mid_batch_get_their_solo_tokens(family):
-    model, tokenizer = family_model(family), ByteTokenizer()
+@pytest.mark.parametrize("family,overrides", [(f, {}) for f in FAMILIES] + [("llama", {"sliding_window": 4})])
+def test_requests_admitted_mid_batch_get_their_solo_tokens(family, overrides):
+    """Sliding-window layers cannot join; those groups run as separate batches, as exactly."""
+    model, tokenizer = family_model(family, **overrides), ByteTokenizer()
     prompts = ["Hello there", "a", "The quick brown fox jumps", "xy", "Once upon a time, in a land"]
     settings = [Sampling(12, temperature=0.0 if i % 2 == 0 else 0.9, seed=100 + i) for i in range(len(prompts))]
     solo = []
@@ -71,3 +72,34 @@ def test_requests_admitted_mid_batch_get_their_solo_tokens(family):
     finally:
         scheduler.stop()
     assert texts == solo
+
+
+def test_timed_out_requests_fail_with_504_and_stop():
+    model, tokenizer = family_model("hgrn_bit"), ByteTokenizer()
+    events = {"late": [], "slow": []}
+    finished = {name: threading.Event() for name in events}
+
+    def emitter(name):
+        def emit(event):
+            events[name].append(event)
+            if event[0] in ("done", "error"):
+                finished[name].set()
+        return emit
+
+    scheduler = Scheduler(model, tokenizer, max_batch=2)
+    scheduler.start()
+    try:
+        ids = tokenizer.encode_ids("Hello")
+        scheduler.submit(Job([ids], 1, Sampling(10), emitter("late"), time.monotonic() - 1))
+        scheduler.submit(Job([ids], 1, Sampling(10**6), emitter("slow"), time.monotonic() + 0.5))
+        assert finished["late"].wait(30) and finished["slow"].wait(30)
+        deadline = time.monotonic() + 10  # the failed row leaves the batch at the end of that step
+        while scheduler.load()["running"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert scheduler.load()["running"] == 0
+    finally:
+        scheduler.stop()
+    for name in events:
+        kind, error = events[name][-1]
+        assert kind == "error" and error.status == 504
+    assert not any(e[0] == "delta" for e in events["late"])
