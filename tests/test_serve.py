@@ -24,7 +24,7 @@ from simplified_slm.serving.text import ChatFormat, TextStream
 
 KEY = "test-key"
 MAX_BATCH = 4
-MAX_QUEUE = 3
+MAX_QUEUE = 8
 CONTEXT = 1024
 ENV = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
 
@@ -201,6 +201,12 @@ def test_bad_requests_are_openai_errors(client, server):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0).models.list()
     assert httpx.get(server + "/v1/models").status_code == 401
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    for body in ('{"prompt": "a\\ud800b", "echo": true, "max_tokens": 2}',
+                 '{"messages": [{"role": "user", "content": "\\udc80"}], "max_tokens": 2}'):
+        for route in ("/v1/completions", "/v1/chat/completions"):
+            response = httpx.post(server + route, content=body, headers=headers)
+            assert response.status_code == 400, response.text
     big = httpx.post(server + "/v1/completions", content=b"{" + b" " * (2 << 20) + b"}",
                      headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     assert big.status_code == 413 and "exceeds" in big.json()["error"]["message"]
@@ -214,8 +220,9 @@ def test_full_queue_gives_429_and_the_server_recovers(client, server):
         except openai.RateLimitError:
             return "429"
 
-    with ThreadPoolExecutor(12) as pool:
-        results = list(pool.map(run, range(12)))
+    burst = MAX_BATCH + MAX_QUEUE + 8
+    with ThreadPoolExecutor(burst) as pool:
+        results = list(pool.map(run, range(burst)))
     assert "429" in results
     assert sum(r != "429" for r in results) >= MAX_BATCH
     assert complete(client, "To be", max_tokens=5, temperature=0)

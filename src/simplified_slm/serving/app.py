@@ -163,7 +163,8 @@ def create_app(model: Any, tokenizer: Any, config: ServerConfig, chat: ChatForma
                                             "owned_by": "simplified-slm", "context_length": context}]}
 
     def encode(text: str, param: str) -> list[int]:
-        try:
+        try:  # JSON can spell lone surrogates ("\\ud800"); no tokenizer or reply could carry them
+            text.encode("utf-8")
             ids = tokenizer.encode_ids(text)
         except UnicodeEncodeError:
             raise APIError(400, f"{param} is not valid Unicode text (it holds lone surrogates)", param=param) from None

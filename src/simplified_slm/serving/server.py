@@ -10,6 +10,7 @@ a normal exit instead of death by signal.
 from __future__ import annotations
 
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ def model_name(path: str | Path) -> str:
     if folder.parent.name == "checkpoints":
         return f"{folder.parent.parent.name}/{folder.name}"
     return folder.name
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 class _Server(uvicorn.Server):
@@ -46,5 +49,8 @@ def serve(model: Any, tokenizer: Any, model_dir: str | Path, config: ServerConfi
     server = _Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=grace_s,
                                     log_level="info", access_log=False), app)
     print(f"serving {config.model_name} ({chat.kind} chat format) on http://{host}:{port}", flush=True)
+    if host not in LOOPBACK and config.api_key is None:
+        print(f"warning: {host} is reachable from other machines and no --api-key is set; anyone who can "
+              "reach it can use the model (docs/SERVING.md: behind a reverse proxy)", file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, lambda *_: None)
     server.run()
