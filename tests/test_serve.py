@@ -241,6 +241,16 @@ def test_a_client_that_disconnects_stops_its_generation(client, server):
     assert health(server)["running"] == 0
     assert health(server)["generated_tokens"] - before < (CONTEXT - 10) // 2
 
+    before = health(server)["generated_tokens"]  # a non-streamed request whose client gives up
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server + "/v1/completions", json={"prompt": "Now", "max_tokens": CONTEXT - 10}, timeout=0.2,
+                   headers={"Authorization": f"Bearer {KEY}"})
+    time.sleep(0.5)
+    deadline = time.monotonic() + 10
+    while health(server)["running"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert health(server)["generated_tokens"] - before < (CONTEXT - 10) // 2
+
 
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-5, 8) | st.integers(min_value=10**6) | st.integers(max_value=-10**6)

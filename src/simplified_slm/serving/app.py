@@ -267,12 +267,14 @@ class Reply:
     async def collect(self, request: Request, echo: list[str] | None) -> JSONResponse | None:
         texts = list(echo) if echo else [""] * self.job.rows
         reasons: list[str | None] = [None] * self.job.rows
-        done = False
+        done, next_check = False, time.monotonic() + DISCONNECT_POLL_S
         try:
             while not done:
                 events = await self._events_now(DISCONNECT_POLL_S)
-                if not events and await request.is_disconnected():
-                    return None
+                if time.monotonic() >= next_check:  # events keep coming, so check on a clock
+                    if await request.is_disconnected():
+                        return None
+                    next_check = time.monotonic() + DISCONNECT_POLL_S
                 for event in events:
                     if event[0] == "error":
                         raise event[1]

@@ -66,6 +66,8 @@ class ChatFormat:
         self.extra_stop: list[str] = [PLAIN_STOP]
         self.specials: dict[str, str] = {}
         folder = Path(model_dir) if model_dir else None
+        if folder is not None and folder.is_file():  # e.g. .../model.safetensors, as slm generate accepts
+            folder = folder.parent
         if folder is None or not folder.is_dir():
             return
         config_path, jinja_path = folder / "tokenizer_config.json", folder / "chat_template.jinja"
