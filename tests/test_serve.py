@@ -342,6 +342,13 @@ def test_serve_reports_user_errors_in_one_line(tmp_path):
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
 
 
+def test_serve_without_the_serve_extra_names_the_install_command(model_dir):
+    code = ("import sys; sys.modules['fastapi'] = None; from simplified_slm.cli.main import main; "
+            f"sys.exit(main(['serve', '--model_path', {str(model_dir)!r}]))")
+    result = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "pip install 'simplified-slm[serve]'" in result.stderr, result.stderr
+
+
 def test_text_stream_holds_back_partial_stops_and_characters():
     pieces = {1: "ab", 2: "c<", 3: "/s", 4: ">x", 5: "\ufffd", 6: "é"}
 

@@ -185,14 +185,14 @@ class Scheduler:
 
     def _take_jobs(self) -> list[Job]:
         """Waiting jobs (first come, first served) that fit the free rows."""
+        now = time.monotonic()
+        for job in [j for j in self._waiting if j.cancelled or now > j.deadline]:
+            self._waiting.remove(job)  # gone or expired, wherever it stands in the queue
+            job.fail(APIError(504, "the request timed out while waiting", type="timeout"))
         free = self.max_batch - sum(len(b.rows) for b in self._batches)
-        jobs, now = [], time.monotonic()
+        jobs = []
         while self._waiting:
             job = self._waiting[0]
-            if job.cancelled or now > job.deadline:
-                self._waiting.popleft()
-                job.fail(APIError(504, "the request timed out while waiting", type="timeout"))
-                continue
             if job.rows > free:
                 break
             free -= job.rows
