@@ -1,4 +1,4 @@
-"""The `slm` command: prepare, train, eval, generate, run, tokenizer.
+"""The `slm` command: prepare, train, eval, generate, run, serve, tokenizer.
 
 Every user-fixable problem surfaces as `error: <one line>` with exit code 2; tracebacks
 are kept for real bugs only.
@@ -227,6 +227,25 @@ def cmd_boundaries(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from simplified_slm.serving.app import ServerConfig
+        from simplified_slm.serving.server import model_name, serve
+    except ImportError as err:
+        raise SLMError(f"slm serve needs FastAPI and uvicorn ({err.name} is missing): "
+                       "pip install 'simplified-slm[serve]'") from None
+
+    for name in ("port", "max_batch", "max_queue", "max_body_bytes"):
+        if getattr(args, name) < (0 if name == "port" else 1):
+            raise SLMError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    model, tokenizer = _load_model(args.model_path, args.device)
+    config = ServerConfig(model_name=args.model_name or model_name(args.model_path), max_batch=args.max_batch,
+                          max_queue=args.max_queue, api_key=args.api_key, request_timeout_s=args.request_timeout,
+                          max_body_bytes=args.max_body_bytes)
+    serve(model, tokenizer, args.model_path, config, args.host, args.port, args.grace_period)
+    return 0
+
+
 def cmd_tokenizer(args: argparse.Namespace) -> int:
     from simplified_slm.data import read_documents
     from simplified_slm.tokenizers import TokenizerConfig, build_tokenizer
@@ -304,6 +323,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_chars", type=int, default=600)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_boundaries)
+
+    p = sub.add_parser("serve", help="serve a model over OpenAI's HTTP API, with a chat page at /")
+    p.add_argument("--model_path", "--model-path", required=True, help="checkpoint or model folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", "--max_batch", dest="max_batch", type=int, default=8,
+                   help="sequences decoded together in one forward pass")
+    p.add_argument("--max-queue", "--max_queue", dest="max_queue", type=int, default=64,
+                   help="requests waiting for a batch slot before new ones get 429")
+    p.add_argument("--api-key", "--api_key", dest="api_key",
+                   help="require 'Authorization: Bearer KEY' on every route but /health and the chat page")
+    p.add_argument("--model-name", "--model_name", dest="model_name", help="id in /v1/models (default: folder name)")
+    p.add_argument("--request-timeout", "--request_timeout", dest="request_timeout", type=float, default=300.0,
+                   help="seconds a request may wait and generate before it fails with 504")
+    p.add_argument("--max-body-bytes", "--max_body_bytes", dest="max_body_bytes", type=int, default=1 << 20)
+    p.add_argument("--grace-period", "--grace_period", dest="grace_period", type=float, default=10.0,
+                   help="seconds running requests may finish after SIGTERM")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)
