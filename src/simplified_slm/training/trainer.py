@@ -147,8 +147,8 @@ class Trainer:
             raise SLMError(f"checkpoint {path} does not exist; pass a checkpoint folder or --resume auto")
         return path.resolve()
 
-    def _check_resumable(self, start: Path, model_cfg: Any) -> dict[str, Any]:
-        """The checkpoint's trainer state, once its vocabulary and training data match this run's.
+    def _check_resumable(self, start: Path, model_cfg: Any) -> None:
+        """Refuses a checkpoint whose vocabulary or training data differ from this run's.
 
         The data check is what keeps resume honest: a resumed run repeats the uninterrupted
         one only on the same tokens (`--allow-data-change` accepts new ones knowingly).
@@ -165,7 +165,6 @@ class Trainer:
             raise SLMError(f"the training data ({source}) changed since checkpoint {start.name} was written (its "
                            "text, tokenization or data settings differ), so the resumed run would not continue the "
                            "same one; restore the data, or pass --allow-data-change to continue on the new data")
-        return saved
 
     def _signal_handler(self, signum: int, frame: Any) -> None:
         self._stop_reason = signal.Signals(signum).name
@@ -209,7 +208,8 @@ class Trainer:
         self.data = self._prepare(cfg.data, tokenizer, self.run_dir / "data")
         self.token_bytes = tokenizer.token_byte_lengths()
         model_cfg = cfg.model_config(tokenizer.vocab_size)
-        resumed = self._check_resumable(start, model_cfg) if start is not None else {}
+        if start is not None:
+            self._check_resumable(start, model_cfg)
         model = build_model(model_cfg).to(self.device)
         self.amp = autocast_dtype(tcfg.precision, self.device)
         distiller = Distiller.from_config(tcfg, tokenizer, self.device, self.amp) if tcfg.use_distillation else None
@@ -226,8 +226,7 @@ class Trainer:
             hook.attach(model)
         self.stats_hooks = [h for h in self.forward_hooks if isinstance(h, ActivationStats)]
 
-        if start is not None:
-            resumed = load_training_files(start, model, None)  # weights and RNG now; the optimizer below
+        resumed = load_training_files(start, model, None) if start is not None else {}  # the optimizer below
         self.fsdp = self.dist.enabled and tcfg.distributed == "fsdp"
         if self.dist.enabled:
             self.say(f"distributed: {self.dist.world_size} processes, {tcfg.distributed} over "
@@ -240,20 +239,8 @@ class Trainer:
                            skipped_total=int(resumed.get("skipped_nonfinite", 0)),
                            train_seconds=float(resumed.get("train_seconds", 0.0)))
         if start is not None:
-            load_optimizer_state(start, (lambda sd: load_full_optimizer_state(model, optimizer, sd)) if self.fsdp
-                                 else optimizer.load_state_dict)
-            if resumed.get("config_hash") != cfg.hash():
-                self.say(f"note: resuming {start.name} with a changed config")
-            self.say(f"resumed from {start} at step {state.step}")
-            if self._finished(state):
-                knob = "max_steps" if state.step >= tcfg.max_steps else "time_budget"
-                self.say(f"the run already finished at step {state.step} (train.{knob} = {getattr(tcfg, knob):g}); "
-                         f"raise train.{knob} (--set train.{knob}=...) to train further")
-        for phase in self.phases:
-            if phase.cfg.warmup_steps >= phase.cfg.max_steps:
-                where = f"phase {phase.name!r}" if len(self.phases) > 1 else "the run"
-                self.say(f"warning: warmup_steps ({phase.cfg.warmup_steps}) is not shorter than {where} "
-                         f"({phase.cfg.max_steps} steps): the learning rate never reaches train.lr")
+            self._restore_optimizer(start, state, resumed)
+        self._warn_about_schedule()
         self.last_ckpt = start  # a resumed run's checkpoint already holds its step
         if self.dist.is_main:
             write_run_info(self.run_dir, state.run_id, cfg, hook_names, model, resumed_from=start,
@@ -263,6 +250,26 @@ class Trainer:
             self.loggers = MultiLogger([])
         self.step_setup = self._step_setup(model, distiller, update_hooks)
         return state
+
+    def _restore_optimizer(self, start: Path, state: TrainState, resumed: dict[str, Any]) -> None:
+        """The checkpoint's optimizer state, and what the user should know about the resume."""
+        tcfg = self.cfg.train
+        load_optimizer_state(start, (lambda sd: load_full_optimizer_state(state.model, state.optimizer, sd))
+                             if self.fsdp else state.optimizer.load_state_dict)
+        if resumed.get("config_hash") != self.cfg.hash():
+            self.say(f"note: resuming {start.name} with a changed config")
+        self.say(f"resumed from {start} at step {state.step}")
+        if self._finished(state):
+            knob = "max_steps" if state.step >= tcfg.max_steps else "time_budget"
+            self.say(f"the run already finished at step {state.step} (train.{knob} = {getattr(tcfg, knob):g}); "
+                     f"raise train.{knob} (--set train.{knob}=...) to train further")
+
+    def _warn_about_schedule(self) -> None:
+        for phase in self.phases:
+            if phase.cfg.warmup_steps >= phase.cfg.max_steps:
+                where = f"phase {phase.name!r}" if len(self.phases) > 1 else "the run"
+                self.say(f"warning: warmup_steps ({phase.cfg.warmup_steps}) is not shorter than {where} "
+                         f"({phase.cfg.max_steps} steps): the learning rate never reaches train.lr")
 
     def _step_setup(self, model: CausalLM, distiller: Distiller | None, update_hooks: list[Any]) -> StepSetup:
         tcfg = self.cfg.train
