@@ -37,13 +37,16 @@ def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int = 100, *, 
              repetition_penalty: float = 1.0, eos_token_id: int | None = None,
              pad_token_id: int | None = None, attention_mask: torch.Tensor | None = None,
              seed: int | None = None, use_cache: bool = True, compile: bool = False,
-             on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+             on_token: Callable[[torch.Tensor], None] | None = None,
+             stop_when: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
     """Return prompt + generated ids, shape (batch, prompt_len + new_len).
 
     Batched prompts of different lengths go in left-padded with `attention_mask` (1 = real
     token); each row then gets the same tokens it would get alone. Rows that emit
     `eos_token_id` are padded with `pad_token_id` (default: eos) until all rows finish.
-    `on_token` receives each new column of ids (for streaming output). `compile=True` runs
+    `on_token` receives each new column of ids (for streaming output); `stop_when` receives
+    the ids so far after each step and ends generation by returning True (stop strings,
+    which only the caller can decode). `compile=True` runs
     the one-token decode steps through `torch.compile`; the prompt runs eagerly, which also
     refreshes the weight caches the compiled step reads (BitLinear's codes and stacks). The
     first call pays the compilation; benchmarks/bench_decode_smollm2.py and
@@ -101,7 +104,8 @@ def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int = 100, *, 
             length += 1
             if on_token is not None:
                 on_token(nxt)
-            if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+            if (step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all()))
+                    or (stop_when is not None and stop_when(ids_buf[:, :length]))):
                 break
             mask = None if mask_buf is None else mask_buf[:, :length]
             if cache is not None and (limit is None or length <= limit):
