@@ -1,0 +1,113 @@
+"""lm-evaluation-harness: our `slm` model type gives lm-eval's own `hf` model's per-request
+scores on the same weights, every family runs the shipped offline tasks, generate_until
+stops where it should, and `slm harness` works (or says how to install lm_eval)."""
+
+import importlib.metadata
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# lm-eval and datasets must never reach a hub in tests; set before they are imported
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from conftest import FAMILY_CONFIGS, REPO, family_model  # noqa: E402
+from simplified_slm.evaluation.harness import TASKS_DIR, evaluate, harness_model  # noqa: E402
+from simplified_slm.tokenizers import BPETokenizer, ByteTokenizer  # noqa: E402
+
+lm_eval = pytest.importorskip("lm_eval")
+from lm_eval.api.instance import Instance  # noqa: E402
+
+LOCAL = ["tinystories_cloze", "tinystories_ppl"]
+SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+
+
+def request_scores(results: dict, task: str) -> dict[int, list[float]]:
+    """Per document: the log-likelihood of each of its requests, from lm-eval's samples."""
+    def floats(value):
+        if isinstance(value, bool):
+            return []
+        if isinstance(value, (int, float)):
+            return [float(value)]
+        return [x for item in value for x in floats(item)]
+    return {s["doc_id"]: floats(s["resps"]) for s in results["samples"][task]}
+
+
+def assert_same_run(ours: dict, theirs: dict, atol: float = 1e-4) -> None:
+    """Per-request log-likelihoods within `atol`, the same accuracy, perplexities equal to rounding."""
+    for task in LOCAL:
+        a, b = request_scores(ours, task), request_scores(theirs, task)
+        assert a.keys() == b.keys() and a
+        diff = max(abs(x - y) for doc in a for x, y in zip(a[doc], b[doc], strict=True))
+        assert diff <= atol, f"{task}: per-request log-likelihoods differ by {diff}"
+    for metric in ("acc,none", "acc_norm,none"):
+        assert ours["results"]["tinystories_cloze"][metric] == theirs["results"]["tinystories_cloze"][metric]
+    for metric in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
+        assert math.isclose(ours["results"]["tinystories_ppl"][metric],
+                            theirs["results"]["tinystories_ppl"][metric], rel_tol=1e-5)
+
+
+def run_both(ours, theirs, cloze: int, ppl: int) -> tuple[dict, dict]:
+    limits = {"tinystories_cloze": cloze, "tinystories_ppl": ppl}
+    out = []
+    for lm in (ours, theirs):
+        per_task = [evaluate(lm, [task], limit=limit, log_samples=True, bootstrap_iters=0)
+                    for task, limit in limits.items()]
+        out.append({key: {k: v for r in per_task for k, v in r[key].items()} for key in ("results", "samples")})
+    return out[0], out[1]
+
+
+def test_shipped_tasks_are_what_the_build_script_writes(tmp_path):
+    subprocess.run([sys.executable, str(REPO / "scripts/make_harness_tasks.py"), "--out", str(tmp_path)],
+                   check=True, capture_output=True)
+    for name in ("tinystories_cloze.jsonl", "tinystories_ppl.jsonl"):
+        assert (tmp_path / name).read_bytes() == (TASKS_DIR / name).read_bytes()
+    items = [json.loads(line) for line in (TASKS_DIR / "tinystories_cloze.jsonl").read_text().splitlines()]
+    assert len(items) == 200 and all(len(i["choices"]) == 4 and 0 <= i["label"] < 4 for i in items)
+    # the true sentence really continues the context in the source text
+    source = " ".join(json.loads(line)["text"] for line in (TASKS_DIR / "tinystories_ppl.jsonl").open())
+    first = items[0]
+    assert " ".join((first["context"] + " " + first["choices"][first["label"]]).split()) in " ".join(source.split())
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_every_family_runs_the_local_tasks(family):
+    overrides = {"context_length": 512} if family == "gpt" else {}  # cloze choices run to 254 bytes
+    lm = harness_model(model=family_model(family, **overrides), tokenizer=ByteTokenizer(), batch_size=4)
+    results = evaluate(lm, LOCAL, limit=2, bootstrap_iters=0)["results"]
+    cloze, ppl = results["tinystories_cloze"], results["tinystories_ppl"]
+    assert cloze["sample_len"] == 2 and ppl["sample_len"] == 2
+    assert cloze["acc,none"] in (0.0, 0.5, 1.0)
+    assert 1.0 < ppl["byte_perplexity,none"] < math.inf and 1.0 < ppl["word_perplexity,none"] < math.inf
+    assert ppl["bits_per_byte,none"] == pytest.approx(math.log2(ppl["byte_perplexity,none"]))
+
+
+def test_loglikelihood_batches_equal_solo_requests():
+    """Length-sorted left-padded batches give each request its batch-of-one score."""
+    lm = harness_model(model=family_model("hgrn_bit"), tokenizer=ByteTokenizer(), batch_size=3)
+    solo = harness_model(model=lm.model, tokenizer=ByteTokenizer(), batch_size=1)
+    pairs = [("once upon a time", " there was a cat."), ("the dog", " ran."), ("a", " b c d e f g h")]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    batched, alone = lm.loglikelihood(requests, disable_tqdm=True), solo.loglikelihood(requests, disable_tqdm=True)
+    for (a, greedy_a), (b, greedy_b) in zip(batched, alone):
+        assert a == pytest.approx(b, abs=1e-4) and greedy_a == greedy_b
+
+
+def test_generate_until_stops_at_the_stop_string_and_the_length_limit():
+    model = family_model("gpt", context_length=128)
+    tokenizer = ByteTokenizer()
+    lm = harness_model(model=model, tokenizer=tokenizer, batch_size=2)
+    prompts = ["once upon a time", "the"]
+    solo = [tokenizer.decode(model.generate(torch.tensor([tokenizer.encode_ids(p)]), 12, greedy=True)[0, len(p):])
+            for p in prompts]
+    stop = solo[0][5]  # a character the first greedy continuation does produce
+    args = [(p, {"until": [stop], "max_gen_toks": 12, "do_sample": False}) for p in prompts]
+    got = lm.generate_until([Instance("generate_until", {}, a, i) for i, a in enumerate(args)], disable_tqdm=True)
+    assert got == [text.split(stop)[0] for text in solo]
+    assert len(got[0]) <= 5
