@@ -111,17 +111,18 @@ def _load_model(path: str | None, device: str, untrained_fallback: bool = False)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from simplified_slm.data import DataConfig, has_validation_split, load_prepared, prepare_dataset
+    from simplified_slm.data import DATASET_NAMES, DataConfig, load_prepared, prepare_dataset
     from simplified_slm.evaluation.evaluator import evaluate_model
 
     model, tokenizer = _load_model(args.checkpoint, args.device)
     block = min(args.block_size or model.max_context or 256, model.max_context or 10**9)
     if args.dataset:
-        split = args.split or ("val" if has_validation_split(args.dataset) else "all")
+        # a named dataset's validation split (or held-out tail) by default; a file or folder whole
+        split = args.split or ("val" if args.dataset in DATASET_NAMES else "all")
         # "all": the whole source becomes the val split; the unused train split is capped at
-        # one byte so the text is tokenized once
+        # one character (at most 4 UTF-8 bytes) so the text is tokenized once
         cfg = (DataConfig(dataset=args.dataset) if split == "val" else
-               DataConfig(dataset=None, train_file=args.dataset, val_file=args.dataset, max_train_bytes=1))
+               DataConfig(dataset=None, train_file=args.dataset, val_file=args.dataset, max_train_bytes=4))
         with tempfile.TemporaryDirectory() as tmp:
             data = prepare_dataset(cfg, tokenizer, tmp)
             tokens = data.val.copy()
@@ -268,8 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoint or model folder")
     p.add_argument("--dataset", help="built-in name or file/folder (default: the run's validation split)")
     p.add_argument("--split", choices=["all", "val"],
-                   help="with --dataset: all = the whole source (default for a file/folder), val = its "
-                        "validation split (default for datasets that have one, e.g. tinystories)")
+                   help="with --dataset: all = the whole source (default for a file or folder), val = its "
+                        "validation split or held-out last 5%% (default for a dataset name, e.g. tinystories)")
     p.add_argument("--block_size", type=int)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--max_batches", type=int)
