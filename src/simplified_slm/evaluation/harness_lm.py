@@ -40,7 +40,8 @@ def model_max_length(model: CausalLM) -> int:
 
 @register_model("slm")
 class SLMHarnessLM(TemplateLM):
-    """`lm_eval --model slm --model_args pretrained=RUN/checkpoints/best`, or built from objects."""
+    """A saved model (`pretrained=PATH`, so `simple_evaluate(model="slm", model_args="pretrained=...")`
+    works once this module is imported) or an in-memory `model` + `tokenizer`."""
 
     def __init__(self, pretrained: str | None = None, *, model: CausalLM | None = None,
                  tokenizer: Tokenizer | None = None, batch_size: int | str = 8,
@@ -119,7 +120,9 @@ class SLMHarnessLM(TemplateLM):
             rows = [(ctx + cont)[-(self.max_length + 1):][:-1] for _, ctx, cont in chunk]
             ids, mask = self._left_padded(rows)
             logits = self.model(ids, attention_mask=mask).logits
-            logprobs = F.log_softmax(logits.float(), dim=-1)
+            # continuations end at the right edge: normalise only the positions that score them
+            span = max(len(cont) for _, _, cont in chunk)
+            logprobs = F.log_softmax(logits[:, -span:].float(), dim=-1)
             for (request, _, cont), row_logprobs in zip(chunk, logprobs):
                 target = torch.tensor(cont, dtype=torch.long, device=self.device)
                 picked = row_logprobs[-len(cont):]
