@@ -119,14 +119,17 @@ def story_bpe() -> BPETokenizer:
     return BPETokenizer.train(texts, vocab_size=400)
 
 
-def test_gpt_export_parity_with_lm_eval_hf_model(tmp_path, story_bpe):
-    """A gpt of ours scores exactly as its transformers export (GPT2LMHeadModel) under lm-eval's `hf`."""
+@pytest.mark.parametrize("family, context", [("gpt", {"context_length": 128}),
+                                             pytest.param("bitnet", {"max_position_embeddings": 128},
+                                                          marks=pytest.mark.slow)])  # ~1-2 min on CPU
+def test_export_parity_with_lm_eval_hf_model(tmp_path, story_bpe, family, context):
+    """Ours scores as its transformers export (GPT2LMHeadModel, BitNetForCausalLM) under lm-eval's `hf`."""
     transformers = pytest.importorskip("transformers")
     from lm_eval.models.huggingface import HFLM
 
     from simplified_slm.export.hf import export_hf
 
-    model = family_model("gpt", vocab_size=story_bpe.vocab_size, context_length=128)
+    model = family_model(family, vocab_size=story_bpe.vocab_size, **context)
     with torch.no_grad():  # weights large enough that the choices' scores are far apart
         model.init_weights(0.3)
     export_hf(model, tmp_path, story_bpe)
