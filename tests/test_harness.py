@@ -111,6 +111,9 @@ def test_generate_until_stops_at_the_stop_string_and_the_length_limit():
     got = lm.generate_until([Instance("generate_until", {}, a, i) for i, a in enumerate(args)], disable_tqdm=True)
     assert got == [text.split(stop)[0] for text in solo]
     assert len(got[0]) <= 5
+    never = [(p, {"until": ["<never produced>"], "max_gen_toks": 12, "do_sample": False}) for p in prompts]
+    assert lm.generate_until([Instance("generate_until", {}, a, i) for i, a in enumerate(never)],
+                             disable_tqdm=True) == solo  # exactly max_gen_toks tokens each
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +197,10 @@ def test_slm_harness_unknown_task_is_one_line(tmp_path, capsys):
     assert main(["harness", "--model_path", str(lm_dir), "--tasks", "tinystories_nope", "--device", "cpu",
                  "--include_path", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("error: unknown lm-eval task(s) tinystories_nope; local tasks are")
+
+
+def test_generate_stop_when_ends_generation_early():
+    model = family_model("llama")
+    prompt = torch.tensor([[1, 2, 3]])
+    out = model.generate(prompt, 20, greedy=True, stop_when=lambda ids: ids.shape[1] >= 6)
+    assert out.shape == (1, 6) and torch.equal(out, model.generate(prompt, 3, greedy=True))

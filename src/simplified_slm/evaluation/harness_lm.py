@@ -46,7 +46,8 @@ class SLMHarnessLM(TemplateLM):
     def __init__(self, pretrained: str | None = None, *, model: CausalLM | None = None,
                  tokenizer: Tokenizer | None = None, batch_size: int | str = 8,
                  max_length: int | None = None, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
-                 device: str | None = None, **_ignored: Any) -> None:
+                 device: str | None = None, max_batch_size: int | None = None) -> None:
+        # max_batch_size: lm-eval hands it to every model type; batches here have a fixed size
         super().__init__()
         if model is None:
             if pretrained is None:
