@@ -38,3 +38,14 @@ def test_eval_split_all_without_dataset_is_refused(tmp_path, capsys):
     family_model("gpt").save_pretrained(model_dir, tokenizer=ByteTokenizer())
     assert main(["eval", "--checkpoint", str(model_dir), "--split", "all", "--device", "cpu"]) == 2
     assert "--split all needs --dataset FILE" in capsys.readouterr().err
+
+
+def test_per_document_report_reads_a_whole_file_too(tmp_path):
+    from simplified_slm.evaluation.per_document import documents_for
+
+    data = tmp_path / "notes.txt"
+    data.write_text("first line\n" * 500)
+    documents, source = documents_for(data)
+    assert "".join(d.text for d in documents) == data.read_text() and source == str(data)
+    held_out, _ = documents_for("tinyshakespeare")
+    assert 0 < sum(len(d.text) for d in held_out) < 100_000  # a named dataset keeps its validation split
