@@ -204,3 +204,11 @@ def test_generate_stop_when_ends_generation_early():
     prompt = torch.tensor([[1, 2, 3]])
     out = model.generate(prompt, 20, greedy=True, stop_when=lambda ids: ids.shape[1] >= 6)
     assert out.shape == (1, 6) and torch.equal(out, model.generate(prompt, 3, greedy=True))
+
+
+def test_a_continuation_longer_than_the_context_is_refused():
+    from simplified_slm.errors import SLMError
+
+    lm = harness_model(model=family_model("gpt", context_length=64), tokenizer=ByteTokenizer())
+    with pytest.raises(SLMError, match="a continuation has 100 tokens but the model sees at most 64"):
+        lm.loglikelihood([Instance("loglikelihood", {}, ("context", "x" * 100), 0)], disable_tqdm=True)

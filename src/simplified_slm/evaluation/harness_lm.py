@@ -107,15 +107,15 @@ class SLMHarnessLM(TemplateLM):
     # --- scoring ---------------------------------------------------------------------
     @torch.no_grad()
     def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]],
-                              disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+                              disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """(sum of continuation log-probs, continuation is the greedy choice) per request."""
-        order = Collator(requests, sort_fn=lambda r: (-len(r[1]) - len(r[2]), tuple(r[1] + r[2])))
-        results = []
-        progress = tqdm(total=len(requests), disable=disable_tqdm, desc="slm loglikelihood")
         longest = max((len(cont) for _, _, cont in requests), default=0)
         if longest > self.max_length:
             raise SLMError(f"a continuation has {longest} tokens but the model sees at most {self.max_length}; "
                            "evaluate this task with a longer-context model (or a coarser tokenizer)")
+        order = Collator(requests, sort_fn=lambda r: (-len(r[1]) - len(r[2]), tuple(r[1] + r[2])))
+        results = []
+        progress = tqdm(total=len(requests), disable=disable_tqdm, desc="slm loglikelihood")
         for chunk in order.get_batched(n=self._batch_size):
             # the last token is only predicted; cut from the left beyond the context
             rows = [(ctx + cont)[-(self.max_length + 1):][:-1] for _, ctx, cont in chunk]
