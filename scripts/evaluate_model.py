@@ -41,7 +41,7 @@ def build_report(args: argparse.Namespace) -> dict:
     from simplified_slm.evaluation.evaluator import evaluate_model
     from simplified_slm.evaluation.per_document import documents_for, per_document_report
     from simplified_slm.models import load
-    from simplified_slm.training.trainer import resolve_device
+    from simplified_slm.models.loading import resolve_device
 
     checkpoint = Path(args.checkpoint)
     model, tokenizer, model_source = load(checkpoint, resolve_device(args.device))

@@ -1,4 +1,4 @@
-"""The `slm` command: prepare, train, eval, generate, run, serve, tokenizer.
+"""The `slm` command: prepare, train, eval, harness, generate, run, serve, tokenizer.
 
 Every user-fixable problem surfaces as `error: <one line>` with exit code 2; tracebacks
 are kept for real bugs only.
@@ -90,7 +90,7 @@ def _load_model(path: str | None, device: str, untrained: bool = False):
     byte-level SimplifiedSLM small model used, with a warning; otherwise no model is an error.
     """
     from simplified_slm.models import load
-    from simplified_slm.training.trainer import resolve_device
+    from simplified_slm.models.loading import resolve_device
 
     if path is None:
         candidates = sorted(Path("runs").glob("*/checkpoints/best"), key=lambda p: p.stat().st_mtime)
@@ -113,10 +113,8 @@ def _load_model(path: str | None, device: str, untrained: bool = False):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from simplified_slm.data import DataConfig, load_prepared, prepare_dataset
-    from simplified_slm.evaluation.evaluator import evaluate_model
-
-    from simplified_slm.evaluation.evaluator import metrics_line
+    from simplified_slm.data import DATASET_NAMES, DataConfig, load_prepared, prepare_dataset
+    from simplified_slm.evaluation.evaluator import evaluate_model, metrics_line
 
     json_out = check_output_file(args.json, "--json") if args.json else None
     if args.block_size is not None and args.block_size < 1:
@@ -128,23 +126,51 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f"{model.max_context}", file=sys.stderr)
         block = model.max_context
     if args.dataset:
+        # a named dataset's validation split (or held-out tail) by default; a file or folder whole
+        split = args.split or ("val" if args.dataset in DATASET_NAMES else "all")
+        # "all": the whole source becomes the val split; the unused train split is capped at
+        # one character (at most 4 UTF-8 bytes) so the text is tokenized once
+        cfg = (DataConfig(dataset=args.dataset) if split == "val" else
+               DataConfig(dataset=None, train_file=args.dataset, val_file=args.dataset, max_train_bytes=4))
         with tempfile.TemporaryDirectory() as tmp:
-            tokens = prepare_dataset(DataConfig(dataset=args.dataset), tokenizer, tmp).val.copy()
+            data = prepare_dataset(cfg, tokenizer, tmp)
+            tokens = data.val.copy()
     else:
+        if args.split == "all":
+            raise SLMError("--split all needs --dataset FILE; without it the run's validation split is scored")
         run_data = Path(args.checkpoint).resolve().parent.parent / "data"
         if not (run_data / "meta.json").is_file():
             raise SLMError(f"no prepared data next to {args.checkpoint}; pass --dataset NAME_OR_PATH")
-        tokens = load_prepared(run_data).val
+        data, split = load_prepared(run_data), "val"
+        tokens = data.val
     report = evaluate_model(model, tokenizer, tokens, block_size=block, batch_size=args.batch_size,
                             max_batches=args.max_batches, num_samples=args.samples,
                             sample_tokens=args.sample_tokens, seed=args.seed)
     report["checkpoint"] = str(args.checkpoint)
     report["dataset"] = args.dataset or "run validation split"
+    report["data"] = {"split": split, "span": data.meta["val_from"], **data.meta["splits"]["val"]}
+    m, d = report["metrics"], report["data"]
+    print(f"scored {int(m['tokens'])} of {d['tokens']} tokens ({d['bytes']} bytes, {d['documents']} documents) "
+          f"of {d['span']}")
     print(metrics_line(report["metrics"]))
     for sample in report["samples"]:
         print("---\n" + sample["text"])
     if json_out:
         atomic_write_text(json_out, json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def cmd_harness(args: argparse.Namespace) -> int:
+    from simplified_slm.evaluation.harness import evaluate, harness_model
+
+    lm = harness_model(args.model_path, batch_size=args.batch_size, device=args.device, max_length=args.max_length)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    results = evaluate(lm, tasks, include_path=args.include_path, limit=args.limit, num_fewshot=args.num_fewshot,
+                       bootstrap_iters=args.bootstrap_iters, output_path=args.output_path)
+    for task, metrics in results["results"].items():
+        values = ", ".join(f"{name.split(',')[0]} {value:.4f}" for name, value in metrics.items()
+                           if isinstance(value, float) and "stderr" not in name)
+        print(f"{task}: {values}")
     return 0
 
 
@@ -291,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint or model folder, transformers folder or .gguf file")
     p.add_argument("--dataset", help="built-in name or file/folder (default: the run's validation split)")
+    p.add_argument("--split", choices=["all", "val"],
+                   help="with --dataset: all = the whole source (default for a file or folder), val = its "
+                        "validation split or held-out last 5%% (default for a dataset name, e.g. tinystories)")
     p.add_argument("--block_size", type=int)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--max_batches", type=int)
@@ -300,6 +329,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the report here")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("harness", help="standard benchmarks through lm-evaluation-harness (docs/BENCHMARKS.md)")
+    p.add_argument("--model_path", "--model-path", required=True, help="checkpoint or model folder")
+    p.add_argument("--tasks", required=True,
+                   help="comma-separated lm-eval tasks, e.g. tinystories_cloze,tinystories_ppl (shipped) or hellaswag")
+    p.add_argument("--include_path", help="extra folder of lm-eval task YAMLs")
+    p.add_argument("--limit", type=float, help="at most N documents per task (a fraction if < 1)")
+    p.add_argument("--num_fewshot", type=int)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--max_length", type=int, help="context for scoring (default: the model's, else 2048)")
+    p.add_argument("--bootstrap_iters", type=int, default=1000, help="resamples for perplexity standard errors")
+    p.add_argument("--output_path", help="write lm-eval's full result JSON here")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_harness)
 
     p = sub.add_parser("generate", help="generate text from a trained model")
     add_generate_args(p)

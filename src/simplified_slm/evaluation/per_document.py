@@ -25,7 +25,7 @@ from typing import Any, Iterable, Literal, Sequence
 import numpy as np
 import torch
 
-from simplified_slm.data import DataConfig, Document, validation_documents
+from simplified_slm.data import DATASET_NAMES, DataConfig, Document, read_documents, validation_documents
 from simplified_slm.errors import SLMError
 from simplified_slm.models.base import CausalLM
 from simplified_slm.tokenizers import Tokenizer
@@ -196,7 +196,10 @@ def per_document_report(model: CausalLM, tokenizer: Tokenizer, documents: Sequen
 
 
 def documents_for(dataset: str | Path | None, data_cfg: dict[str, Any] | None = None) -> tuple[list[Document], str]:
-    """Validation documents of a dataset name/path, or of a run's data config section."""
+    """Validation documents of a dataset name or of a run's data config section; all the
+    documents of a file or folder (as `slm eval --dataset FILE`)."""
+    if dataset is not None and str(dataset) not in DATASET_NAMES:
+        return list(read_documents(dataset)), str(dataset)
     if dataset is not None:
         return validation_documents(DataConfig(dataset=str(dataset)))
     if data_cfg is None:

@@ -54,6 +54,7 @@ def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int | None = N
              pad_token_id: int | None = None, attention_mask: torch.Tensor | None = None,
              seed: int | None = None, use_cache: bool = True, compile: bool = False,
              on_token: Callable[[torch.Tensor], None] | None = None,
+             stop_when: Callable[[torch.Tensor], bool] | None = None,
              max_length: int | None = None, do_sample: bool | None = None) -> torch.Tensor:
     """Return prompt + generated ids, shape (batch, prompt_len + new_len).
 
@@ -66,7 +67,9 @@ def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int | None = N
     `max_length` is the total length including the prompt (`max_new_tokens` wins when both
     are given, as there), and `do_sample=False` means greedy. Note the defaults differ:
     without either flag we sample (transformers decodes greedily).
-    `on_token` receives each new column of ids (for streaming output). `compile=True` runs
+    `on_token` receives each new column of ids (for streaming output); `stop_when` receives
+    the ids so far after each step and ends generation by returning True (stop strings,
+    which only the caller can decode). `compile=True` runs
     the one-token decode steps through `torch.compile`; the prompt runs eagerly, which also
     refreshes the weight caches the compiled step reads (BitLinear's codes and stacks). The
     first call pays the compilation; benchmarks/bench_decode_smollm2.py and
@@ -120,7 +123,8 @@ def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int | None = N
             length += 1
             if on_token is not None:
                 on_token(nxt)
-            if step == max_new_tokens - 1 or (stop is not None and bool(finished.all())):
+            if (step == max_new_tokens - 1 or (stop is not None and bool(finished.all()))
+                    or (stop_when is not None and stop_when(ids_buf[:, :length]))):
                 break
             mask = None if mask_buf is None else mask_buf[:, :length]
             if cache is not None and (limit is None or length <= limit):

@@ -134,10 +134,24 @@ class LoadedModel(NamedTuple):
 
 
 def load(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
-    """Model + tokenizer from any format in the module docstring, ready for inference."""
+    """Model + tokenizer from any format in the module docstring, ready for inference on
+    `device` (`auto`: CUDA where there is a GPU)."""
+    device = resolve_device(device)
     source = ModelSource.open(path)
     tokenizer = source.tokenizer()
     return LoadedModel(source.model(tokenizer, device), tokenizer, source)
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """`auto` is CUDA where there is a GPU, else the CPU; a CUDA device without CUDA is an error."""
+    if str(name) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SLMError(f"device {name!r} was asked for but CUDA is not available; use --device cpu or auto")
+    return device
 
 
 def _gguf_tokenizer(path: Path) -> Tokenizer:

@@ -25,6 +25,7 @@ from simplified_slm.errors import SLMError
 from simplified_slm.evaluation.metrics import evaluate_lm
 from simplified_slm.models.base import CausalLM
 from simplified_slm.models.checkpointing import checkpointed_blocks, enable_gradient_checkpointing
+from simplified_slm.models.loading import resolve_device
 from simplified_slm.models.registry import build_model
 from simplified_slm.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
 from simplified_slm.training.checkpoint import (
@@ -57,17 +58,6 @@ from simplified_slm.utils.progress import progress
 
 
 SIGNAL_STOPS = ("SIGINT", "SIGTERM")  # stop reasons set by the signal handler (no final eval)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SLMError(f"device {name!r} was asked for but CUDA is not available; use --device cpu or auto")
-    return device
 
 
 @dataclass

@@ -1,0 +1,189 @@
+"""Our models as an lm-evaluation-harness model type (`slm`), for every family.
+
+lm-eval's `TemplateLM` supplies the context/continuation split (`_encode_pair`: encode the
+whole text, cut at the context's token count, as its `hf` model does), so per-request
+scores match the harness's `hf` model on the same weights. What is ours: batches sorted by
+length (lm-eval's `Collator`) and left-padded, so each row's continuation sits at the right
+edge and the attention mask keeps every row equal to its solo run in every family;
+rolling windows from lm-eval's own utilities; generation with the model's cached `generate`
+and stop strings checked after each token. This module imports lm_eval at the top: reach it
+through `simplified_slm.evaluation.harness`, which says how to install it when missing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import (Collator, handle_stop_sequences, normalize_gen_kwargs,
+                                  postprocess_generated_text)
+from tqdm import tqdm
+
+from simplified_slm.errors import SLMError
+from simplified_slm.models.base import CausalLM
+from simplified_slm.tokenizers import Tokenizer
+
+# Window for rolling log-likelihood and the context cut for models without a fixed one
+# (recurrent families, RoPE models without a trained length): lm-eval's `hf` default.
+DEFAULT_MAX_LENGTH = 2048
+DEFAULT_MAX_GEN_TOKS = 256
+
+
+def model_max_length(model: CausalLM) -> int:
+    """The model's context, else the length it was trained for, else DEFAULT_MAX_LENGTH."""
+    return model.max_context or getattr(model.config, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH
+
+
+@register_model("slm")
+class SLMHarnessLM(TemplateLM):
+    """A saved model (`pretrained=PATH`, so `simple_evaluate(model="slm", model_args="pretrained=...")`
+    works once this module is imported) or an in-memory `model` + `tokenizer`."""
+
+    def __init__(self, pretrained: str | None = None, *, model: CausalLM | None = None,
+                 tokenizer: Tokenizer | None = None, batch_size: int | str = 8,
+                 max_length: int | None = None, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+                 device: str | None = None, max_batch_size: int | None = None) -> None:
+        # max_batch_size: lm-eval hands it to every model type; batches here have a fixed size
+        super().__init__()
+        if model is None:
+            if pretrained is None:
+                raise SLMError("the slm harness model needs a model: pass pretrained=PATH (a checkpoint "
+                               "or model folder)")
+            from simplified_slm.evaluation.harness import load_model
+
+            model, tokenizer = load_model(pretrained, device or "auto")
+        elif tokenizer is None:
+            raise SLMError("SLMHarnessLM got a model without its tokenizer; pass tokenizer=...")
+        elif device is not None:
+            from simplified_slm.models.loading import resolve_device
+
+            model = model.to(resolve_device(device))
+        try:
+            self._batch_size = int(batch_size)
+        except ValueError:
+            raise SLMError(f"batch_size must be a whole number for the slm model, got {batch_size!r}") from None
+        if self._batch_size < 1:
+            raise SLMError(f"batch_size must be at least 1, got {self._batch_size}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length or model_max_length(model))
+        self.max_gen_toks = int(max_gen_toks)
+
+    # --- ids -------------------------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.prefix_token_id if self.tokenizer.eos_token_id is None else self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        """BOS, else EOS (as lm-eval's `hf` model), else a newline: tokenizers without special
+        ids (byte, char) separate documents with newlines in our corpora."""
+        for candidate in (self.tokenizer.bos_token_id, self.tokenizer.eos_token_id):
+            if candidate is not None:
+                return candidate
+        return (self.tokenizer.encode_ids("\n") or [0])[0]
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        return self.tokenizer.encode_ids(string)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def _left_padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.eot_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            if row:
+                ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+                mask[i, width - len(row):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    # --- scoring ---------------------------------------------------------------------
+    @torch.no_grad()
+    def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]],
+                              disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """(sum of continuation log-probs, continuation is the greedy choice) per request."""
+        longest = max((len(cont) for _, _, cont in requests), default=0)
+        if longest > self.max_length:
+            raise SLMError(f"a continuation has {longest} tokens but the model sees at most {self.max_length}; "
+                           "evaluate this task with a longer-context model (or a coarser tokenizer)")
+        order = Collator(requests, sort_fn=lambda r: (-len(r[1]) - len(r[2]), tuple(r[1] + r[2])))
+        results = []
+        progress = tqdm(total=len(requests), disable=disable_tqdm, desc="slm loglikelihood")
+        for chunk in order.get_batched(n=self._batch_size):
+            # the last token is only predicted; cut from the left beyond the context
+            rows = [(ctx + cont)[-(self.max_length + 1):][:-1] for _, ctx, cont in chunk]
+            ids, mask = self._left_padded(rows)
+            logits = self.model(ids, attention_mask=mask).logits
+            # continuations end at the right edge: normalise only the positions that score them
+            span = max(len(cont) for _, _, cont in chunk)
+            logprobs = F.log_softmax(logits[:, -span:].float(), dim=-1)
+            for (request, _, cont), row_logprobs in zip(chunk, logprobs):
+                target = torch.tensor(cont, dtype=torch.long, device=self.device)
+                picked = row_logprobs[-len(cont):]
+                answer = (float(picked.gather(1, target[:, None]).sum()),
+                          bool((picked.argmax(-1) == target).all()))
+                results.append(answer)
+                if request is not None:
+                    self.cache_hook.add_partial("loglikelihood", request, answer)
+                progress.update(1)
+        progress.close()
+        return order.get_original(results)
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        """Whole-text log-likelihood in disjoint windows of `max_length` (lm-eval's scheme)."""
+        windows, owners = [], []
+        for index, (text,) in enumerate(req.args for req in requests):
+            for ctx, cont in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append((None, ctx, cont))
+                owners.append(index)
+        totals = [0.0] * len(requests)
+        for owner, (logprob, _) in zip(owners, self._loglikelihood_tokens(windows, disable_tqdm)):
+            totals[owner] += logprob
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    # --- generation ------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        """Greedy (or sampled, when the task asks) continuations cut at the first stop string."""
+        order = Collator([req.args for req in requests], group_by="gen_kwargs", group_fn=lambda r: r[1],
+                         sort_fn=lambda r: (-len(self.tok_encode(r[0])), r[0]))
+        eos = self.tokenizer.eos_token_id
+        eos_text = None if eos is None else self.tokenizer.decode([eos])
+        results = []
+        progress = tqdm(total=len(requests), disable=disable_tqdm, desc="slm generate_until")
+        for chunk in order.get_batched(n=self._batch_size):
+            contexts, all_kwargs = zip(*chunk)
+            kwargs = normalize_gen_kwargs(all_kwargs[0], self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
+            new_tokens = int(kwargs.pop("max_gen_toks"))
+            budget = self.max_length - new_tokens if self.max_length > new_tokens else self.max_length
+            ids, mask = self._left_padded([self.tok_encode(c)[-budget:] for c in contexts])
+            prompt_len = ids.shape[1]
+
+            def stopped(so_far: torch.Tensor) -> bool:
+                texts = (self.tokenizer.decode(row) for row in so_far[:, prompt_len:].tolist())
+                return all(any(stop in text for stop in until) for text in texts)
+
+            out = self.model.generate(ids, new_tokens, attention_mask=mask, greedy=not kwargs.get("do_sample"),
+                                      temperature=float(kwargs.get("temperature") or 1.0),
+                                      top_k=kwargs.get("top_k"), top_p=kwargs.get("top_p"),
+                                      eos_token_id=eos, stop_when=stopped)
+            for context, gen_kwargs, row in zip(contexts, all_kwargs, out[:, prompt_len:].tolist()):
+                text = postprocess_generated_text(generation=self.tokenizer.decode(row), stop=until,
+                                                  think_end_token=None)
+                results.append(text)
+                self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+                progress.update(1)
+        progress.close()
+        return order.get_original(results)
