@@ -281,8 +281,9 @@ class Trainer:
         tcfg = self.cfg.train
         losses: list[float] = []
         self.val: dict[str, float] = {}
-        bar = progress(total=tcfg.max_steps, initial=state.step, disable=not tcfg.progress, desc="train",
-                       unit="step")
+        # a budgeted run ends on the clock, so max_steps would give a false time left
+        bar = progress(total=None if tcfg.time_budget else tcfg.max_steps, initial=state.step,
+                       disable=not tcfg.progress, desc="train", unit="step")
         self.started = self.window_start = self.step_ended = time.perf_counter()
         self.window_steps, self.overhead_seconds = 0, 0.0
         state.model.train()
