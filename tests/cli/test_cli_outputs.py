@@ -80,10 +80,12 @@ def _commands(models: Path, tmp_path: Path) -> dict:
         "tokenizer": lambda out: ["tokenizer", "train", "--kind", "byte", "--data", models / "text.txt",
                                   "--out", out],
         "prepare": lambda out: ["prepare", "--config", config, "--out", out],
+        "harness": lambda out: ["harness", "--model_path", models / "byte", "--tasks", "tinystories_ppl",
+                                "--limit", "1", "--output_path", out],
     }
 
 
-FILE_OUTPUTS = ["eval", "generate", "generate-prompt-file"]
+FILE_OUTPUTS = ["eval", "generate", "generate-prompt-file", "harness"]
 FOLDER_OUTPUTS = ["export", "tokenizer", "prepare"]
 
 

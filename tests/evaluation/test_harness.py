@@ -169,7 +169,7 @@ def test_smollm2_parity_with_lm_eval_hf_model(tmp_path):
 def test_slm_harness_cli_writes_lm_eval_results(tmp_path):
     model_dir = tmp_path / "model"
     family_model("gpt", context_length=512).save_pretrained(model_dir, tokenizer=ByteTokenizer())
-    out = tmp_path / "results" / "out.json"
+    out = tmp_path / "out.json"  # an output path's folder must exist (checked before the work)
     proc = subprocess.run([sys.executable, "-m", "simplified_slm.cli", "harness", "--model_path", str(model_dir),
                            "--tasks", "tinystories_cloze,tinystories_ppl", "--limit", "2", "--batch_size", "2",
                            "--output_path", str(out), "--device", "cpu", "--bootstrap_iters", "0"],

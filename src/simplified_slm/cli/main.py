@@ -161,16 +161,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_harness(args: argparse.Namespace) -> int:
-    from simplified_slm.evaluation.harness import evaluate, harness_model
+    from simplified_slm.evaluation.harness import evaluate, harness_model, results_json
 
+    out = check_output_file(args.output_path, "--output_path") if args.output_path else None
     lm = harness_model(args.model_path, batch_size=args.batch_size, device=args.device, max_length=args.max_length)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     results = evaluate(lm, tasks, include_path=args.include_path, limit=args.limit, num_fewshot=args.num_fewshot,
-                       bootstrap_iters=args.bootstrap_iters, output_path=args.output_path)
+                       bootstrap_iters=args.bootstrap_iters)
     for task, metrics in results["results"].items():
         values = ", ".join(f"{name.split(',')[0]} {value:.4f}" for name, value in metrics.items()
                            if isinstance(value, float) and "stderr" not in name)
         print(f"{task}: {values}")
+    if out:
+        atomic_write_text(out, results_json(results))
     return 0
 
 

@@ -69,7 +69,7 @@ def harness_model(model_path: str | None = None, *, model: Any = None, tokenizer
 
 def evaluate(lm: Any, tasks: Sequence[str], *, include_path: str | Sequence[str] | None = None,
              limit: int | float | None = None, num_fewshot: int | None = None, log_samples: bool = False,
-             bootstrap_iters: int = 1000, output_path: str | Path | None = None) -> dict[str, Any]:
+             bootstrap_iters: int = 1000) -> dict[str, Any]:
     """Run lm-eval `tasks` on `lm` (ours from `harness_model`, or any lm-eval LM, e.g. `HFLM`).
 
     Returns lm-eval's result dict (`results[task][metric,filter]`, plus `samples` with
@@ -79,7 +79,6 @@ def evaluate(lm: Any, tasks: Sequence[str], *, include_path: str | Sequence[str]
     require_lm_eval()
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
-    from lm_eval.utils import handle_non_serializable
 
     if not tasks:
         raise SLMError(f"no tasks given; name lm-eval tasks, e.g. --tasks {','.join(LOCAL_TASKS)}")
@@ -98,7 +97,11 @@ def evaluate(lm: Any, tasks: Sequence[str], *, include_path: str | Sequence[str]
         results = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot,
                                   task_manager=manager, log_samples=log_samples,
                                   bootstrap_iters=bootstrap_iters)
-    if output_path is not None:
-        Path(output_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(output_path).write_text(json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
     return results
+
+
+def results_json(results: dict[str, Any]) -> str:
+    """lm-eval's result dict as JSON (its own fallback for values JSON cannot hold)."""
+    from lm_eval.utils import handle_non_serializable
+
+    return json.dumps(results, indent=2, default=handle_non_serializable) + "\n"
