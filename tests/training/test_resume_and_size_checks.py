@@ -92,7 +92,7 @@ def test_a_model_too_big_for_memory_is_refused_before_anything_is_written(tmp_pa
     from simplified_slm.training.config import load_experiment_config
     from simplified_slm.training.memory import check_fits_in_memory
 
-    for config in sorted((REPO / "configs").glob("*.json")):
+    for config in sorted((REPO / "configs").rglob("*.json")):
         if "train" not in json.loads(config.read_text()):
             continue  # a model config, not an experiment
         cfg = load_experiment_config(config, [])
