@@ -24,7 +24,7 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/slm run --config configs/default.json --output_dir runs/demo
 
-# the whole suite, soak tests included (10-13 minutes on 2 cores, 5-6 of them the `slow` ones); CI runs this
+# the whole suite, soak tests included (about 16.5 minutes on 2 cores; set-up of a fresh clone adds ~3); CI runs this
 test: setup
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
