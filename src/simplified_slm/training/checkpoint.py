@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from simplified_slm.errors import SLMError
-from simplified_slm.utils.io import atomic_write, atomic_write_json, fsync_dir, sha256_file
+from simplified_slm.utils.io import atomic_write, atomic_write_json, fsync_dir, sha256_file, swap_dir
 
 MANIFEST = "manifest.json"
 STATE_FILE = "trainer_state.json"
@@ -190,17 +190,10 @@ class CheckpointManager:
         aside = self.root / f".old-{final.name}-{os.getpid()}"
         shutil.rmtree(aside, ignore_errors=True)
         try:
-            os.rename(final, aside)
-            try:
-                os.rename(tmp, final)
-            except BaseException:
-                os.rename(aside, final)
-                raise
+            swap_dir(tmp, final, aside)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        fsync_dir(self.root)
-        shutil.rmtree(aside, ignore_errors=True)
 
     def _recover(self) -> None:
         """Undo what a process killed in the middle of `_write` left behind."""

@@ -73,6 +73,23 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     fsync_dir(path.parent)
 
 
+def swap_dir(new: Path, final: Path, aside: Path) -> None:
+    """Put folder `new` in place of the existing folder `final`.
+
+    A folder cannot be replaced by one rename, so `final` goes to `aside` first and is deleted
+    once `new` is in place; if the second rename fails the old folder is put back. A process
+    killed between the two renames leaves `aside` for its owner to recover (checkpoints do).
+    """
+    os.replace(final, aside)
+    try:
+        os.replace(new, final)
+    except BaseException:
+        os.replace(aside, final)
+        raise
+    fsync_dir(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary sibling of folder `path`; on success it replaces `path`.
@@ -88,20 +105,13 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         yield tmp
         follow_umask(tmp)
         if path.is_dir() and any(path.iterdir()):
-            aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, aside)
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                os.replace(aside, path)
-                raise
-            shutil.rmtree(aside, ignore_errors=True)
+            swap_dir(tmp, path, Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent)))
         else:
             os.replace(tmp, path)  # a missing or empty folder is replaced in one step
+            fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fsync_dir(path.parent)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
