@@ -24,6 +24,7 @@ from lm_eval.models.utils import (Collator, handle_stop_sequences, normalize_gen
 from tqdm import tqdm
 
 from simplified_slm.errors import SLMError
+from simplified_slm.generation.generate import left_pad
 from simplified_slm.models.base import CausalLM
 from simplified_slm.tokenizers import Tokenizer
 
@@ -95,14 +96,7 @@ class SLMHarnessLM(TemplateLM):
         return self.model.device
 
     def _left_padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.eot_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            if row:
-                ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-                mask[i, width - len(row):] = 1
-        return ids.to(self.device), mask.to(self.device)
+        return left_pad(rows, self.eot_token_id, self.device)
 
     # --- scoring ---------------------------------------------------------------------
     @torch.no_grad()

@@ -31,6 +31,20 @@ def compiled_step(model: Any) -> Callable[..., Any]:
     return step
 
 
+def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int = 0,
+             device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(ids, attention_mask)` of token lists left-padded to the longest (mask 1 = real token):
+    the batch layout in which every family computes each row as it would alone."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
 def check_sampling_args(max_new_tokens: int, *, temperature: float, top_k: int | None, top_p: float | None,
                         repetition_penalty: float) -> None:
     """Raise SLMError for a sampling setting `generate` cannot use; callers that print

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from simplified_slm.generation.generate import left_pad
 from simplified_slm.generation.sampling import choose_next
 from simplified_slm.serving.batch_cache import CannotJoin, join, trim_left
 from simplified_slm.serving.protocol import APIError
@@ -231,13 +232,7 @@ class Scheduler:
         return groups
 
     def _prefill(self, rows: list[_Row]) -> _Batch:
-        width = max(len(r.prompt) for r in rows)
-        device = self.model.device
-        ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        for i, row in enumerate(rows):  # left padding
-            ids[i, width - len(row.prompt):] = torch.tensor(row.prompt, dtype=torch.long)
-            mask[i, width - len(row.prompt):] = 1
+        ids, mask = left_pad([row.prompt for row in rows], device=self.model.device)
         cache = self.model.make_cache(len(rows), _slots(rows))
         out = self.model(ids, attention_mask=mask, cache=cache)
         return _Batch(rows, cache, mask, out.logits[:, -1])
