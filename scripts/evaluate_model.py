@@ -41,10 +41,9 @@ def build_report(args: argparse.Namespace) -> dict:
     from simplified_slm.evaluation.evaluator import evaluate_model
     from simplified_slm.evaluation.per_document import documents_for, per_document_report
     from simplified_slm.models import load
-    from simplified_slm.models.loading import resolve_device
 
     checkpoint = Path(args.checkpoint)
-    model, tokenizer, model_source = load(checkpoint, resolve_device(args.device))
+    model, tokenizer, model_source = load(checkpoint, args.device)
     config = _run_config(model_source.path)  # the folder (a file inside one stands for it)
     block = args.block_size or model.max_context or config.get("train", {}).get("block_size") or 256
     if model.max_context is not None:

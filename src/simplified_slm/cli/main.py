@@ -108,7 +108,7 @@ def _load_model(path: str | None, device: str, untrained: bool = False):
         else:
             raise SLMError("no trained model found under runs/; pass --model_path, train one (make demo), "
                            "or pass --untrained to sample from an untrained model")
-    model, tokenizer, _ = load(path, resolve_device(device))
+    model, tokenizer, _ = load(path, device)  # resolves "auto" itself
     return model, tokenizer
 
 

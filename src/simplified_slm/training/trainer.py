@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from simplified_slm import metric_names as M
 from simplified_slm.data import DataConfig, iter_eval_batches, prepare_dataset, tokenizer_texts
 from simplified_slm.errors import SLMError
 from simplified_slm.evaluation.metrics import evaluate_lm
@@ -48,7 +49,6 @@ from simplified_slm.training.distributed import (
 from simplified_slm.training.hooks import ActivationStats, build_hooks
 from simplified_slm.training.loggers import MultiLogger, build_loggers
 from simplified_slm.training.memory import check_fits_in_memory
-from simplified_slm import metric_names as M
 from simplified_slm.training.monitoring import firing_rates, ternary_stats
 from simplified_slm.training.optim import build_optimizer, clock_learning_rate, set_learning_rate
 from simplified_slm.training.precision import autocast_dtype
@@ -178,14 +178,11 @@ class Trainer:
             except ValueError:  # not the main thread: signals stay with the caller
                 handlers = {}
             try:
-                return self._run()
+                return self.fit(self.setup())
             finally:
                 for sig, handler in handlers.items():
                     signal.signal(sig, handler)
                 self.dist.close()
-
-    def _run(self) -> TrainResult:
-        return self.fit(self.setup())
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> TrainState:
