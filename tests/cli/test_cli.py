@@ -34,6 +34,8 @@ def test_eval_writes_report(trained, tmp_path, capsys):
     m = report["metrics"]
     assert {"loss", "ppl", "bpb", "accuracy", "utf8_validity"} <= set(m)
     assert m["bpb"] > 0 and 0 <= m["accuracy"] <= 1
+    interval = report["bpb_interval"]  # from the same pass: a block bootstrap over the windows
+    assert interval["lower"] < m["bpb"] < interval["upper"] and interval["upper"] - interval["lower"] < 0.5 * m["bpb"]
     assert "bits" not in capsys.readouterr().err
 
 

@@ -31,7 +31,9 @@ def run_pipeline(cfg: ExperimentConfig, resume: str | None = None, allow_data_ch
     m = report["metrics"]
     print(f"\n=== {cfg.run_name or result.run_dir.name}: {report['family']} model, "
           f"{report['num_parameters']:,} parameters, {result.step} steps, {report['wall_time_s']} s")
-    print(f"validation: {m['loss']:.4f} nats/token | bits per byte {m['bpb']:.4f} | ppl {m['ppl']:.2f} | "
+    interval = report["bpb_interval"]
+    spread = f" (95% interval {interval['lower']:.4f}-{interval['upper']:.4f})" if interval else ""
+    print(f"validation: {m['loss']:.4f} nats/token | bits per byte {m['bpb']:.4f}{spread} | ppl {m['ppl']:.2f} | "
           f"accuracy {m['accuracy']:.3f}  (whole validation split, {int(m['tokens']):,} tokens)")
     for i, sample in enumerate(report["samples"], 1):
         print(f"--- sample {i} ---\n{sample['text']}")

@@ -32,8 +32,13 @@ def utf8_validity(data: bytes) -> float:
 @torch.no_grad()
 def evaluate_lm(model: CausalLM, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                 token_bytes: np.ndarray, device: torch.device | str,
-                autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
-    """Loss (nats/token), perplexity, BPB and next-token accuracy over `batches` of (x, y)."""
+                autocast_dtype: torch.dtype | None = None,
+                windows: list[tuple[float, int]] | None = None) -> dict[str, float]:
+    """Loss (nats/token), perplexity, BPB and next-token accuracy over `batches` of (x, y).
+
+    `windows`, when given, receives one (nats, bytes) pair per evaluated row: the units a
+    confidence interval for the BPB resamples, at no extra model cost.
+    """
     was_training = model.training
     model.eval()
     byte_table = torch.as_tensor(np.asarray(token_bytes, dtype=np.int64))
@@ -46,11 +51,15 @@ def evaluate_lm(model: CausalLM, batches: Iterable[tuple[torch.Tensor, torch.Ten
                                 enabled=autocast_dtype is not None):
                 logits = model(x).logits
             logits = logits.float()
-            nats += torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
+            row_nats = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none").view_as(y).sum(1)
+            row_bytes = byte_table[y.cpu()].sum(1)
+            nats += row_nats.sum().item()
             correct += (logits.argmax(-1) == y).sum().item()
             tokens += y.numel()
-            num_bytes += int(byte_table[y.cpu()].sum())
+            num_bytes += int(row_bytes.sum())
+            if windows is not None:
+                windows.extend(zip(row_nats.tolist(), row_bytes.tolist()))
     finally:
         model.train(was_training)
     if tokens == 0:
