@@ -17,9 +17,9 @@ float32 in C (bit-identical to `quant.dequantize`) and call `torch.mm`: there th
 compute-bound and oneDNN's GEMM wins; the numerics are then `quantized_activations=False`.
 
 Without a compiler, on another device, or with `SLM_QUANT_NATIVE=0`, the float reference
-(`x @ dequantize(W)^T`) runs instead. The op is a `torch.library.custom_op` with a fake
-impl, so `torch.compile` keeps it as one opaque call; eager calls skip the dispatcher
-(its Python overhead is paid ~200 times per decoded token).
+(`x @ dequantize(W)^T`) runs instead. The op is registered with torch (see `_LIBRARY`) with
+a fake impl, so `torch.compile` keeps it as one opaque call; eager calls skip the
+dispatcher (its Python overhead is paid ~200 times per decoded token).
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ _SOURCE = r"""
 #endif
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX2__)
 #define QK_VNNI 1
+#endif
+#if defined(QK_VNNI) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__F16C__)
+#define QK_VNNI512 1 /* two 32-blocks per 512-bit step */
 #endif
 
 #define BLOCK 32
@@ -96,6 +99,61 @@ static void quantize_row(const float *x, int64_t k, int8_t *q, float *d, float *
     }
 }
 
+
+/* s[b] = d_w(b) * d_x(b): one float scale per 32-block of this row and activation row */
+static void block_scales(const uint16_t *sw, const float *dx, int64_t blocks, int64_t per_group, float *s) {
+    int64_t b = 0;
+#ifdef QK_VNNI512
+    if (per_group == 1)
+        for (; b + 16 <= blocks; b += 16)
+            _mm512_storeu_ps(s + b, _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sw + b))),
+                                                  _mm512_loadu_ps(dx + b)));
+#endif
+    for (; b < blocks; ++b) s[b] = half_to_float(sw[b / per_group]) * dx[b];
+}
+
+/* 4-bit offsets: sum_b c_b * d_x(b) * sum(x_q in b), c = m (q4_1) or -8 d (q4_0) */
+static float block_offsets(const uint16_t *sw, const uint16_t *mw, const float *dxs, int64_t blocks, int64_t per_group) {
+    int64_t b = 0;
+    float acc = 0.0f;
+#ifdef QK_VNNI512
+    if (per_group == 1) {
+        __m512 v = _mm512_setzero_ps();
+        for (; b + 16 <= blocks; b += 16) {
+            __m512 c = mw ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mw + b)))
+                          : _mm512_mul_ps(_mm512_set1_ps(-8.0f), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sw + b))));
+            v = _mm512_fmadd_ps(c, _mm512_loadu_ps(dxs + b), v);
+        }
+        acc = _mm512_reduce_add_ps(v);
+    }
+#endif
+    for (; b < blocks; ++b)
+        acc += (mw ? half_to_float(mw[b / per_group]) : -8.0f * half_to_float(sw[b / per_group])) * dxs[b];
+    return acc;
+}
+
+#ifdef QK_VNNI512
+/* [s(b) x 8 | s(b + 1) x 8]: the scales of the two blocks one 512-bit dot covers */
+#define PAIR_SCALES(s, b) _mm512_insertf32x8(_mm512_set1_ps((s)[b]), _mm256_set1_ps((s)[(b) + 1]), 1)
+
+static inline __m512i pair_dot_q8(const int8_t *w, const int8_t *xq) {
+    __m512i wv = _mm512_loadu_si512(w), xv = _mm512_loadu_si512(xq);
+    /* dpbusd multiplies unsigned by signed: |w| times x with w's sign */
+    __m512i sx = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), _mm512_setzero_si512(), xv);
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(wv), sx);
+}
+
+static inline __m512i pair_dot_q4(const uint8_t *w, const int8_t *xq) {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    __m256i bytes = _mm256_loadu_si256((const __m256i *)w);  /* 16 bytes of block b, 16 of b + 1 */
+    __m512i codes = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(bytes, low)),
+                                       _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low), 1);
+    /* lanes [b lo, b+1 lo, b hi, b+1 hi] -> [b lo, b hi, b+1 lo, b+1 hi]: weights 0..63 in order */
+    codes = _mm512_shuffle_i64x2(codes, codes, _MM_SHUFFLE(3, 1, 2, 0));
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_loadu_si512(xq));
+}
+#endif
+
 #ifdef QK_VNNI
 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -105,61 +163,59 @@ static inline float hsum8(__m256 v) {
 }
 #endif
 
-static float dot_q8(const int8_t *w, const uint16_t *sw, const int8_t *xq, const float *dx,
-                    int64_t blocks, int64_t per_group) {
-#ifdef QK_VNNI
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t b = 0; b < blocks; ++b) {
-        __m256i wv = _mm256_loadu_si256((const __m256i *)(w + b * BLOCK));
-        __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * BLOCK));
-        /* dpbusd multiplies unsigned by signed: |w| times x with w's sign */
-        __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(wv, wv),
-                                          _mm256_sign_epi8(xv, wv));
-        float s = half_to_float(sw[b / per_group]) * dx[b];
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(s), acc);
-    }
-    return hsum8(acc);
-#else
+/* sum_b s_b * dot(w codes of block b, x codes of block b); q4 codes are unsigned 0..15 */
+static float dot_blocks(int scheme, const void *w, const int8_t *xq, const float *s, int64_t blocks) {
+    int64_t b = 0;
     float acc = 0.0f;
-    for (int64_t b = 0; b < blocks; ++b) {
-        int32_t dot = 0;
-        for (int i = 0; i < BLOCK; ++i) dot += (int32_t)w[b * BLOCK + i] * xq[b * BLOCK + i];
-        acc += (float)dot * (half_to_float(sw[b / per_group]) * dx[b]);
+    const int8_t *w8 = (const int8_t *)w;
+    const uint8_t *w4 = (const uint8_t *)w;
+#ifdef QK_VNNI512
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();  /* two chains of FMAs */
+    if (scheme == Q8_0) {
+        for (; b + 4 <= blocks; b += 4) {
+            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pair_dot_q8(w8 + b * BLOCK, xq + b * BLOCK)), PAIR_SCALES(s, b), acc0);
+            acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pair_dot_q8(w8 + (b + 2) * BLOCK, xq + (b + 2) * BLOCK)),
+                                   PAIR_SCALES(s, b + 2), acc1);
+        }
+    } else {
+        for (; b + 4 <= blocks; b += 4) {
+            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pair_dot_q4(w4 + b * BLOCK / 2, xq + b * BLOCK)), PAIR_SCALES(s, b), acc0);
+            acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pair_dot_q4(w4 + (b + 2) * BLOCK / 2, xq + (b + 2) * BLOCK)),
+                                   PAIR_SCALES(s, b + 2), acc1);
+        }
     }
-    return acc;
+    acc = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 #endif
-}
-
-/* 4-bit: sum_b d_b dx_b dot(q, x_q) + c_b dx_b sum(x_q), c = m (q4_1) or -8 d (q4_0). */
-static float dot_q4(const uint8_t *w, const uint16_t *sw, const uint16_t *mw, const int8_t *xq,
-                    const float *dx, const float *dxs, int64_t blocks, int64_t per_group) {
-    float corr = 0.0f;
 #ifdef QK_VNNI
-    __m256 acc = _mm256_setzero_ps();
+    __m256 tail = _mm256_setzero_ps();
     const __m128i low = _mm_set1_epi8(0x0F);
-    for (int64_t b = 0; b < blocks; ++b) {
-        __m128i bytes = _mm_loadu_si128((const __m128i *)(w + b * BLOCK / 2));
-        __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low), _mm_and_si128(bytes, low));
-        __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * BLOCK));
-        __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), codes, xv);
-        float d = half_to_float(sw[b / per_group]);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * dx[b]), acc);
-        corr += (mw ? half_to_float(mw[b / per_group]) : -8.0f * d) * dxs[b];
+    for (; b < blocks; ++b) {
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * BLOCK)), dot;
+        if (scheme == Q8_0) {
+            __m256i wv = _mm256_loadu_si256((const __m256i *)(w8 + b * BLOCK));
+            dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+        } else {
+            __m128i bytes = _mm_loadu_si128((const __m128i *)(w4 + b * BLOCK / 2));
+            __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low), _mm_and_si128(bytes, low));
+            dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), codes, xv);
+        }
+        tail = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(s[b]), tail);
     }
-    return hsum8(acc) + corr;
+    acc += hsum8(tail);
 #else
-    float acc = 0.0f;
-    for (int64_t b = 0; b < blocks; ++b) {
-        const uint8_t *wb = w + b * BLOCK / 2;
+    for (; b < blocks; ++b) {
         const int8_t *xb = xq + b * BLOCK;
         int32_t dot = 0;
-        for (int i = 0; i < BLOCK / 2; ++i) dot += (wb[i] & 0x0F) * xb[i] + (wb[i] >> 4) * xb[i + BLOCK / 2];
-        float d = half_to_float(sw[b / per_group]);
-        acc += (float)dot * (d * dx[b]);
-        corr += (mw ? half_to_float(mw[b / per_group]) : -8.0f * d) * dxs[b];
+        if (scheme == Q8_0) {
+            for (int i = 0; i < BLOCK; ++i) dot += (int32_t)w8[b * BLOCK + i] * xb[i];
+        } else {
+            const uint8_t *wb = w4 + b * BLOCK / 2;
+            for (int i = 0; i < BLOCK / 2; ++i) dot += (wb[i] & 0x0F) * xb[i] + (wb[i] >> 4) * xb[i + BLOCK / 2];
+        }
+        acc += (float)dot * s[b];
     }
-    return acc + corr;
 #endif
+    return acc;
 }
 
 static float dot_half(int scheme, const uint16_t *w, const float *x, int64_t k) {
@@ -205,12 +261,14 @@ int quant_gemv(int scheme, const void *codes, const uint16_t *scales, const uint
     for (int64_t r = 0; r < n; ++r) {
         const uint16_t *sw = scales + r * (k / group);
         const uint16_t *mw = scheme == Q4_1 ? mins + r * (k / group) : 0;
+        const void *wr = scheme == Q8_0 ? (const void *)((const int8_t *)codes + r * k)
+                                        : (const void *)((const uint8_t *)codes + r * k / 2);
+        float s[blocks];
         for (int64_t i = 0; i < m; ++i) {
-            const int8_t *xi = xq + i * k;
-            y[i * n + r] = scheme == Q8_0
-                ? dot_q8((const int8_t *)codes + r * k, sw, xi, dx + i * blocks, blocks, per_group)
-                : dot_q4((const uint8_t *)codes + r * k / 2, sw, mw, xi, dx + i * blocks,
-                         dxs + i * blocks, blocks, per_group);
+            block_scales(sw, dx + i * blocks, blocks, per_group, s);
+            float y_ri = dot_blocks(scheme, wr, xq + i * k, s, blocks);
+            if (scheme != Q8_0) y_ri += block_offsets(sw, mw, dxs + i * blocks, blocks, per_group);
+            y[i * n + r] = y_ri;
         }
     }
     free(xq);
@@ -300,13 +358,17 @@ def _matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: to
     return y
 
 
-@torch.library.custom_op("simplified_slm::quant_matmul", mutates_args=())
-def _matmul_op(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-               scheme: str, group_size: int) -> torch.Tensor:
-    return _matmul(x, codes, scales, mins, scheme, group_size)
+# Registered as a torch op with a fake (shape) impl, so torch.compile keeps it in its graph
+# as one opaque call. Through the low-level `torch.library.Library` rather than
+# `torch.library.custom_op`: a compiled decode step calls it ~200 times per token, and
+# custom_op's Python wrapper layers cost about twice the dispatch overhead (measured with
+# the benchmark's shapes). No autograd: quantized weights are for inference.
+_LIBRARY = torch.library.Library("simplified_slm", "FRAGMENT")
+_LIBRARY.define("quant_matmul(Tensor x, Tensor codes, Tensor scales, Tensor mins, str scheme, int group_size) -> Tensor")
+_LIBRARY.impl("quant_matmul", _matmul, "CPU")
 
 
-@_matmul_op.register_fake
+@torch.library.register_fake("simplified_slm::quant_matmul")
 def _matmul_shape(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                   scheme: str, group_size: int) -> torch.Tensor:
     return x.new_empty(x.shape[0], codes.shape[0])
@@ -321,5 +383,5 @@ def quantized_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
         qw = QuantizedWeight(scheme, codes, scales, mins, (codes.shape[0], k), group_size)
         return reference_matmul(x, qw, quantized_activations=False)
     x2 = x.reshape(-1, k).to(torch.float32).contiguous()
-    op = _matmul_op if torch.compiler.is_compiling() else _matmul
+    op = torch.ops.simplified_slm.quant_matmul.default if torch.compiler.is_compiling() else _matmul
     return op(x2, codes, scales, mins, scheme, group_size).reshape(*lead, codes.shape[0]).to(x.dtype)
