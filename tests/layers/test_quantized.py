@@ -125,3 +125,11 @@ def test_quantized_model_runs_under_torch_compile():
     # by one float ulp can round to the next int8 code (in this 64-wide model that moves one
     # token's logits by ~0.5%): close, not bit-identical; a wrong op would be off by ~100%
     assert _rel(got, want) < 0.02
+
+
+def test_gradients_flow_to_the_input():
+    # adapters trained over a quantized base need d(loss)/dx through the frozen weight
+    layer = QuantizedLinear.from_linear(nn.Linear(64, 8), "q4_1")
+    x = torch.randn(2, 64, requires_grad=True)
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, layer.dequantized_weight().sum(0).expand(2, 64))

@@ -30,7 +30,7 @@ import functools
 import torch
 
 from simplified_slm.ops.native_build import load_library
-from simplified_slm.ops.quant import BLOCK, FLOAT_SCHEMES, QuantizedWeight, reference_matmul
+from simplified_slm.ops.quant import BLOCK, QuantizedWeight, reference_matmul
 
 SMALL_BATCH = 16  # rows of x up to which the int8 GEMV runs; above, dequantize + torch.mm
 _SCHEME_ID = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "bf16": 3, "fp16": 4}
@@ -377,9 +377,11 @@ def _matmul_shape(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mi
 def quantized_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                      scheme: str, group_size: int) -> torch.Tensor:
     """x (..., K) @ W^T for a packed W (see `quant.QuantizedWeight`), in x's dtype: the C
-    kernel where it is built, else the float reference."""
+    kernel where it is built, else the float reference, which is also what runs when a
+    gradient must flow back to x (e.g. adapters trained over a quantized base): the kernel
+    has no backward."""
     lead, k = x.shape[:-1], x.shape[-1]
-    if not native_available(x):
+    if not native_available(x) or (x.requires_grad and torch.is_grad_enabled()):
         qw = QuantizedWeight(scheme, codes, scales, mins, (codes.shape[0], k), group_size)
         return reference_matmul(x, qw, quantized_activations=False)
     x2 = x.reshape(-1, k).to(torch.float32).contiguous()
