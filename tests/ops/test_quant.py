@@ -149,3 +149,14 @@ def test_disabled_kernel_falls_back_to_the_float_reference(monkeypatch):
     x = torch.randn(1, 64)
     got = quant_native.quantized_matmul(x, qw.codes, qw.scales, qw.mins, "q4_0", 32)
     torch.testing.assert_close(got, x @ quant.dequantize(qw).T)
+
+
+@pytest.mark.parametrize("m", [1, quant_native.SMALL_BATCH + 1])
+def test_registered_op_passes_torch_opcheck(m):
+    # schema, fake impl and real impl agree, as torch.compile relies on
+    if not quant_native.native_available(torch.zeros(1)):
+        pytest.skip("no C compiler here")
+    qw = quant.quantize(_weight(24, 64), "q4_1", 32)
+    args = (torch.randn(m, 64), qw.codes, qw.scales, qw.mins, "q4_1", 32)
+    torch.library.opcheck(torch.ops.simplified_slm.quant_matmul.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
