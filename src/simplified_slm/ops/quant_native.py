@@ -384,6 +384,9 @@ def quantized_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
     if not native_available(x) or (x.requires_grad and torch.is_grad_enabled()):
         qw = QuantizedWeight(scheme, codes, scales, mins, (codes.shape[0], k), group_size)
         return reference_matmul(x, qw, quantized_activations=False)
-    x2 = x.reshape(-1, k).to(torch.float32).contiguous()
+    x2 = x.reshape(-1, k)
+    if x.dtype is not torch.float32:  # each skipped no-op call saves a dispatch (~3 us, x 210 per token)
+        x2 = x2.to(torch.float32)
     op = torch.ops.simplified_slm.quant_matmul.default if torch.compiler.is_compiling() else _matmul
-    return op(x2, codes, scales, mins, scheme, group_size).reshape(*lead, codes.shape[0]).to(x.dtype)
+    y = op(x2.contiguous(), codes, scales, mins, scheme, group_size).view(*lead, codes.shape[0])
+    return y if x.dtype is torch.float32 else y.to(x.dtype)
