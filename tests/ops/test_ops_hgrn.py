@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from simplified_slm.errors import SLMError
 from simplified_slm.ops.hgrn import chunk_hgrn, fused_recurrent_hgrn, hgrn, naive_recurrent_hgrn
+from simplified_slm.ops import native_build
 from simplified_slm.ops.hgrn import native
 from simplified_slm.ops.hgrn.chunk import _chunk_size
 
@@ -115,7 +116,7 @@ def fused_form(request, monkeypatch):
 def test_c_kernel_is_built_where_a_compiler_exists():
     # CI and this machine have a compiler: the fast path must really be in use there,
     # so the native-form tests below cannot silently test the fallback instead.
-    if native._compiler() is not None:
+    if native_build.compiler() is not None:
         assert native.native_available(torch.zeros(1, 2, 3))
     assert not native.native_available(torch.zeros(1, 2, 3, dtype=torch.int64))
 
@@ -181,7 +182,7 @@ def test_broken_compiler_falls_back_to_the_chunk_form(tmp_path, monkeypatch, cap
 
 
 def test_kernel_cache_is_written_once_and_reused(tmp_path, monkeypatch):
-    if native._compiler() is None:
+    if native_build.compiler() is None:
         pytest.skip("no C compiler on this machine: the fallback test covers it")
     monkeypatch.setenv("SLM_KERNEL_CACHE", str(tmp_path))
     native._library.cache_clear()

@@ -8,13 +8,7 @@ dependency (it unrolls, and the unrolled chunk passes gained ~25%). With thousan
 independent channels there is no need to split time at all on a CPU: each thread walks
 its own block of channels from t = 0 to T - 1.
 
-Why C through ctypes rather than a torch C++ extension: the source is plain C99 with no
-torch headers, so the compiler (`$CC`, else cc/gcc/clang) builds it in well under a second
-instead of the ~45 s a torch extension takes, and no ninja is needed. The library is cached
-under `$SLM_KERNEL_CACHE` (default `~/.cache/simplified_slm/kernels`), keyed by a hash of
-the source, flags and compiler, and written atomically, so concurrent processes (DDP
-ranks) never load a half-written file. OpenMP comes from the `libgomp.so.1` torch already
-loaded, so the kernel shares torch's thread pool and honours `torch.get_num_threads()`.
+Built on first use by `ops/native_build.py` (plain C through ctypes, cached, atomic).
 
 Numerics: multiply then add with contraction off, in the input dtype, exactly like the
 naive reference, so forward and backward agree with it bit for bit (float32 and float64).
@@ -28,19 +22,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-logger = logging.getLogger(__name__)
+from simplified_slm.ops.native_build import load_library
 
 # One job walks whole rows of one sequence (up to MAX_BLOCK channels), so each array is
 # read as one contiguous stream: splitting a row between threads measured 4x slower per
@@ -144,62 +130,12 @@ _FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off"]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return name
-    return None
-
-
-def _cache_dir() -> Path:
-    configured = os.environ.get("SLM_KERNEL_CACHE")
-    if configured:
-        return Path(configured)
-    home = Path.home() / ".cache" / "simplified_slm" / "kernels"
-    try:
-        home.mkdir(parents=True, exist_ok=True)
-        return home
-    except OSError:
-        return Path(tempfile.gettempdir()) / "simplified_slm_kernels"
-
-
-def _build(compiler: str, target: Path) -> None:
-    """Compile into a temp file beside `target`, then rename: readers never see half a file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        source = Path(tmp) / "hgrn.c"
-        source.write_text(_SOURCE)
-        built = Path(tmp) / target.name
-        errors = []
-        # With OpenMP first; a compiler without it (Apple clang) still gives a serial kernel.
-        for extra in (["-fopenmp"], []):
-            cmd = [compiler, *_FLAGS, *extra, str(source), "-o", str(built)]
-            result = subprocess.run(cmd, capture_output=True, text=True)
-            if result.returncode == 0:
-                os.replace(built, target)
-                return
-            errors.append(result.stderr.strip().splitlines()[-1:] or ["(no output)"])
-        raise OSError(f"{compiler} failed: {errors}")
-
-
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    """The built kernel library, or None (logged once) when it cannot be had here."""
-    if os.environ.get("SLM_HGRN_NATIVE", "1") == "0" or sys.platform == "win32":
-        return None
-    compiler = _compiler()
-    if compiler is None:
-        logger.info("no C compiler found: HGRN uses the PyTorch chunk form")
-        return None
-    try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-        key = hashlib.sha256("\n".join([_SOURCE, " ".join(_FLAGS), version]).encode()).hexdigest()
-        path = _cache_dir() / f"hgrn_{key[:16]}.so"
-        if not path.exists():
-            _build(compiler, path)
-        lib = ctypes.CDLL(str(path))
-    except OSError as err:
-        logger.warning("HGRN C kernel unavailable (%s): using the PyTorch chunk form", err)
+    """The built kernel library, or None when it cannot be had here (then the PyTorch forms run)."""
+    # With OpenMP first; a compiler without it (Apple clang) still gives a serial kernel.
+    lib = load_library("HGRN", _SOURCE, [[*_FLAGS, "-fopenmp"], _FLAGS], "SLM_HGRN_NATIVE")
+    if lib is None:
         return None
     ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for suffix in _SUFFIX.values():
