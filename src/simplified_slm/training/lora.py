@@ -17,6 +17,7 @@ by `export/lora.py` through export/hf.py's name mapping.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -143,7 +144,7 @@ def save_adapter(model: nn.Module, directory: str | Path, tokenizer: Any = None,
     another naming of the same adapter."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = config if config is not None else model.lora_config
+    config = copy.deepcopy(config if config is not None else model.lora_config)
     if base is not None:
         config.base_model_name_or_path = base
     if tensors is None:
@@ -210,12 +211,18 @@ def merge_lora(model: nn.Module) -> nn.Module:
     so the model saves, exports and runs like one that was never adapted."""
     from simplified_slm.layers.bitlinear import BitLinear
 
-    layers = lora_layers(model)
-    if any(isinstance(layer.get_base_layer(), BitLinear) for layer in layers.values()):
+    if any(isinstance(layer.get_base_layer(), BitLinear) for layer in lora_layers(model).values()):
         raise SLMError("LoRA on ternary BitLinear layers cannot be merged: the float update would be "
                        "re-quantised to {-1, 0, 1} and change the model; keep the adapter separate")
-    for name, layer in layers.items():
-        layer.merge(safe_merge=True)
+    return unload_lora(model, merge=True)
+
+
+def unload_lora(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Put each adapted layer's base layer back in its place (folding the adapter in first
+    with `merge`); without it the result is the frozen base model."""
+    for name, layer in lora_layers(model).items():
+        if merge:
+            layer.merge(safe_merge=True)
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, layer.get_base_layer())
     model.lora_config = None
