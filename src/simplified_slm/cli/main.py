@@ -397,6 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_serve)
 
+    from simplified_slm.cli.distill_cmd import add_distill_parser
+
+    add_distill_parser(sub)
+
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)
     t = tsub.add_parser("train", help="train a tokenizer on a corpus and save it")

@@ -343,6 +343,11 @@ def bitnet_from_transformers(hf_model) -> BitNetForCausalLM:
 _IMPORTERS = {"llama": llama_from_transformers, "gpt2": gpt_from_transformers, "bitnet": bitnet_from_transformers}
 
 
+def importable(model_type: str | None) -> bool:
+    """Whether a transformers folder of this `model_type` imports into one of our families."""
+    return model_type in _IMPORTERS
+
+
 def import_gguf_llama(path: str | Path) -> LlamaForCausalLM:
     """Our `llama` model from a Llama GGUF file (dequantised to float32 by transformers + gguf)."""
     path = Path(path)
