@@ -235,10 +235,11 @@ def load_base_weights(model: nn.Module, base: str | Path) -> None:
     from simplified_slm.models.loading import load
 
     source = load(base, "cpu").model
-    if source.config.to_dict() != model.config.to_dict():
-        raise SLMError(f"the LoRA base model {base} has another config than this run's model; restore it, or "
-                       "start a new run")
-    model.load_state_dict(source.state_dict())
+    try:  # the run may lay shape-neutral fields (dropout, rope_scaling) over the base's config
+        model.load_state_dict(source.state_dict())
+    except RuntimeError as err:
+        raise SLMError(f"the LoRA base model {base} does not fit this run's model "
+                       f"({str(err).splitlines()[-1].strip()[:120]}); restore it, or start a new run") from None
 
 
 def prepare_lora_run(model: nn.Module, settings: LoraSettings, run_dir: Path, start: Path | None,
