@@ -185,6 +185,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return run_generate(model, tokenizer, args)
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from simplified_slm.cli.chat_cmd import check_chat_args, run_chat
+
+    check_chat_args(args)
+    model, tokenizer = _load_model(args.model_path, args.device)
+    return run_chat(model, tokenizer, args)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from simplified_slm.cli.pipeline import run_pipeline
 
@@ -355,6 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text from a trained model")
     add_generate_args(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat with a model in its chat template, on stdin/stdout")
+    from simplified_slm.cli.chat_cmd import add_chat_args
+    add_chat_args(p)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("export", help="write a model in another format")
     p.add_argument("--checkpoint", required=True, help="checkpoint or model folder")
