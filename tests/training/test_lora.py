@@ -14,6 +14,7 @@ from simplified_slm.training.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraS
                                           attach_lora, merge_lora)
 from simplified_slm.training.optim import build_optimizer
 from simplified_slm.training.step import StepSetup, TrainState, model_loss, train_step
+from simplified_slm.tokenizers import ByteTokenizer
 from simplified_slm.training.trainer import Trainer
 
 
@@ -92,3 +93,25 @@ def test_resuming_a_lora_checkpoint_without_lora_is_refused(tmp_path):
     plain = _lora_config(tmp_path / "run").replace(train=_lora_config(tmp_path / "run").train.replace(lora=None))
     with pytest.raises(SLMError, match="LoRA adapter but this run does not use train.lora"):
         Trainer(plain, resume="auto").run()
+
+
+def test_a_lora_run_from_pretrained_weights_points_its_adapter_at_them(tmp_path):
+    source = tmp_path / "pretrained"
+    family_model("llama").save_pretrained(source, tokenizer=ByteTokenizer())
+
+    def config():
+        cfg = tiny_experiment(tmp_path / "run", max_steps=12, eval_every=12, sample_every=100, checkpoint_every=6)
+        del cfg["model"], cfg["tokenizer"]  # the source's
+        cfg["train"].update(init_from=str(source), lora={"r": 4, "alpha": 8})
+        return ExperimentConfig.from_dict(cfg)
+
+    Trainer(config(), until=6).run()
+    result = Trainer(config(), resume="auto").run()  # the base is re-read from the source
+    assert result.step == 12 and not (tmp_path / "run" / "base").exists()
+    adapter = json.loads((result.checkpoint / ADAPTER_CONFIG).read_text())
+    assert adapter["base_model_name_or_path"] == str(source.resolve())
+    pretrained = CausalLM.from_pretrained(source)
+    adapted = load(result.checkpoint).model
+    frozen = {k.replace(".base_layer", ""): v for k, v in adapted.state_dict().items() if "lora_" not in k}
+    assert frozen.keys() == pretrained.state_dict().keys()
+    assert all(torch.equal(frozen[k], v) for k, v in pretrained.state_dict().items())  # the source's weights

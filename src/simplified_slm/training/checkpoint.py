@@ -286,8 +286,9 @@ def save_training_files(directory: Path, model: torch.nn.Module, tokenizer: Any,
                         optimizer_state: dict[str, Any], state: dict[str, Any]) -> None:
     """Everything needed to resume, written into `directory` (called inside `save`); a LoRA
     run's model is its adapter (peft's format), the frozen base stays where it came from."""
-    if has_lora(model):
+    if has_lora(model):  # + the run's model config; the base weights stay at base_model_name_or_path
         save_adapter(model, directory, tokenizer=tokenizer)
+        atomic_write_json(directory / "config.json", model.config.to_dict())
     else:
         model.save_pretrained(directory, tokenizer=tokenizer)
     torch.save(optimizer_state, directory / OPTIMIZER_FILE)

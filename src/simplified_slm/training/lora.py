@@ -261,18 +261,26 @@ def prepare_lora_run(model: nn.Module, settings: LoraSettings, run_dir: Path, st
         base_dir = Path(run_dir) / BASE_DIR
         if is_main:
             model.save_pretrained(base_dir, tokenizer=tokenizer)
-        base = str(base_dir.resolve())
-    return attach_lora(model, settings, base=str(base))
+        base = str(base_dir)
+    return attach_lora(model, settings, base=str(Path(base).resolve()))
 
 
 def load_adapted(directory: str | Path, device: torch.device | str = "cpu") -> nn.Module:
     """Base model + adapter from a LoRA checkpoint or adapter folder (what `models.load` calls
     for one): the base comes from the adapter's `base_model_name_or_path`."""
+    from simplified_slm.models.base import CONFIG_FILE
     from simplified_slm.models.loading import load
+    from simplified_slm.models.registry import build_model, config_from_dict
 
+    directory = Path(directory)
     base = read_adapter_config(directory).base_model_name_or_path
     if not base or not Path(base).exists():
         raise SLMError(f"the LoRA adapter in {directory} names base model {base!r}, which is not there; "
                        "restore the base model (the run's base/ folder or the model it started from)")
-    model = load(base, device).model
+    if (directory / CONFIG_FILE).is_file():  # a checkpoint: the run's own config over the base's weights
+        config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+        model = build_model(config_from_dict(config, where=str(directory / CONFIG_FILE)))
+        load_base_weights(model, base)
+    else:
+        model = load(base, device).model
     return load_adapter(model, directory).to(device)

@@ -225,7 +225,8 @@ class Trainer:
         self.stats_hooks = [h for h in self.forward_hooks if isinstance(h, ActivationStats)]
 
         if tcfg.lora is not None:  # frozen base + trainable adapters; the optimizer gets only those
-            model = prepare_lora_run(model, tcfg.lora, self.run_dir, start, tokenizer, is_main=self.dist.is_main)
+            model = prepare_lora_run(model, tcfg.lora, self.run_dir, start, tokenizer, base=tcfg.init_from,
+                                     is_main=self.dist.is_main)
         resumed = load_training_files(start, model, None) if start is not None else {}  # the optimizer below
         self.fsdp = self.dist.enabled and tcfg.distributed == "fsdp"
         if self.dist.enabled:
