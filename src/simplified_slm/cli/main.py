@@ -239,8 +239,13 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise SLMError(f"the model's {type(tokenizer).__name__} has no transformers equivalent, so "
                            "AutoTokenizer could not load the export; use --format safetensors, or train with "
                            "a byte or bpe tokenizer")
+    from simplified_slm.export.lora import prepare_export
+
+    model, write_adapter = prepare_export(model, args.format, args.merge_lora)  # LoRA: merged, or base + adapter/
     with atomic_dir(out) as tmp:  # written beside --out, then swapped in: no half or mixed folder
         info = _export(args.format, model, tokenizer, tmp)
+        if write_adapter is not None:
+            info.update(write_adapter(tmp, out))
     if "file" in info:  # report the final path, not the temporary one
         info["file"] = str(out / Path(info["file"]).name)
     print(json.dumps({"out": args.out, **info}))
@@ -373,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "hgrn_bit); coreml: model.mlpackage for macOS/iOS (gpt, llama, bitnet); see docs/EXPORT.md")
     p.add_argument("--out", required=True, help="output folder: new or empty, or pass --overwrite")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder (atomically)")
+    p.add_argument("--merge-lora", "--merge_lora", dest="merge_lora", action="store_true",
+                   help="a LoRA checkpoint: fold the adapter into the weights (without it, safetensors/hf "
+                        "exports write the base model with the adapter in adapter/, docs/FINETUNING.md)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("boundaries", help="show an hnet_bit model's learned chunk boundaries ('|') on text")
@@ -401,6 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds running requests may finish after SIGTERM")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_serve)
+
+    from simplified_slm.cli.distill_cmd import add_distill_parser
+
+    add_distill_parser(sub)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)

@@ -106,6 +106,10 @@ class ModelSource:
             from simplified_slm.export.ternary import load_packed
 
             model = load_packed(self.path)
+        elif (self.path / "adapter_config.json").is_file():  # a LoRA run: its base + the adapter
+            from simplified_slm.training.lora import load_adapted
+
+            model = load_adapted(self.path)
         else:
             model = CausalLM.from_pretrained(self.path)
         if tokenizer.vocab_size > model.config.vocab_size:

@@ -23,6 +23,7 @@ from simplified_slm.models.registry import config_from_dict
 from simplified_slm.tokenizers import TokenizerConfig
 from simplified_slm.training.distributed import STRATEGIES
 from simplified_slm.training.loggers import LOGGERS
+from simplified_slm.training.lora import LoraSettings
 from simplified_slm.training.optim import OPTIMIZERS, SCHEDULES
 from simplified_slm.training.precision import PRECISIONS
 
@@ -120,6 +121,7 @@ class TrainConfig(ConfigBase):
     eval_exact_match: int = 0
     # curriculum: phases run one after another; max_steps must equal the sum of their steps
     phases: list[PhaseConfig] = dataclasses.field(default_factory=list)
+    lora: LoraSettings | None = None  # train LoRA adapters only (training/lora.py); null: every weight
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
@@ -163,6 +165,8 @@ class TrainConfig(ConfigBase):
             total = sum(p.steps for p in self.phases)
             self._fail("max_steps", f"is {self.max_steps} but the phases add up to {total} steps; "
                        f"set max_steps to {total}")
+        if self.lora is not None and self.distributed == "fsdp":
+            self._fail("lora", "LoRA runs replicate the frozen base (distributed ddp); fsdp is not supported")
         if self.distributed == "fsdp" and self.optimizer == "muon":
             self._fail("distributed", "fsdp shards every matrix, but Muon orthogonalises whole matrices; "
                        "use optimizer adamw with fsdp, or distributed ddp with muon")

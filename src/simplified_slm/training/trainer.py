@@ -52,6 +52,7 @@ from simplified_slm.training.distributed import (
 from simplified_slm.training.hooks import ActivationStats, build_hooks
 from simplified_slm.training.init_from import checkpoint_model_config, pretrained_model, run_tokenizer
 from simplified_slm.training.loggers import MultiLogger, build_loggers
+from simplified_slm.training.lora import prepare_lora_run
 from simplified_slm.training.memory import check_fits_in_memory
 from simplified_slm.training.monitoring import firing_rates, ternary_stats
 from simplified_slm.training.optim import build_optimizer, clock_learning_rate, set_learning_rate
@@ -223,6 +224,9 @@ class Trainer:
             hook.attach(model)
         self.stats_hooks = [h for h in self.forward_hooks if isinstance(h, ActivationStats)]
 
+        if tcfg.lora is not None:  # frozen base + trainable adapters; the optimizer gets only those
+            model = prepare_lora_run(model, tcfg.lora, self.run_dir, start, tokenizer, base=tcfg.init_from,
+                                     is_main=self.dist.is_main)
         resumed = load_training_files(start, model, None) if start is not None else {}  # the optimizer below
         self.fsdp = self.dist.enabled and tcfg.distributed == "fsdp"
         if self.dist.enabled:
