@@ -1,8 +1,9 @@
 """Chat / instruction data for supervised fine-tuning, with loss on the answers only.
 
 A JSONL line is a conversation: `{"messages": [{"role", "content"}, ...]}`, or
-`{"prompt", "completion"}` (one user turn, one reply), or GSM8K's `{"question", "answer"}`
-(the same). It is rendered with the chat template (`tokenizers/chat_template.py`, the one
+`{"prompt", "completion"}` (one user turn, one reply; `slm distill traces` writes these, or
+`{"messages", "completion"}`, the reply to the messages), or GSM8K's `{"question",
+"answer"}` (one turn). It is rendered with the chat template (`tokenizers/chat_template.py`, the one
 serving and `slm chat` use), each part tokenized on its own, and every id outside an
 assistant reply gets the label -100 (ignored by `next_token_loss`), so prompt tokens get no
 gradient. A reply includes the template's end-of-turn text, so the model learns to stop.
@@ -58,6 +59,9 @@ def conversation(record: Any, where: str) -> list[Message]:
     """The messages of one JSONL record in any accepted shape, checked."""
     if isinstance(record, dict) and "messages" in record:
         messages = record["messages"]
+        if "completion" in record:  # a teacher trace of a conversation (`slm distill traces`)
+            messages = [*messages, {"role": "assistant", "content": record["completion"]}] \
+                if isinstance(messages, list) else messages
     elif isinstance(record, dict) and "prompt" in record and "completion" in record:
         messages = [{"role": "user", "content": record["prompt"]},
                     {"role": "assistant", "content": record["completion"]}]
