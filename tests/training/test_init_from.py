@@ -80,6 +80,14 @@ def test_mismatches_are_one_line_errors_naming_both_sides(tmp_path, source, chat
     assert state.model.config.attention_dropout == 0.25 and _same_weights(state.model, load(source).model)
 
 
+def test_packed_weights_are_refused(tmp_path, chat_file):
+    from simplified_slm.export.ternary import save_packed
+
+    save_packed(family_model("bitnet"), tmp_path / "packed", tokenizer=ByteTokenizer())
+    with pytest.raises(SLMError, match="quantized or packed weights"):
+        Trainer(_config(tmp_path / "run", tmp_path / "packed", chat_file)).setup()
+
+
 def test_a_resumed_run_continues_from_its_checkpoint_not_the_source(tmp_path, source, chat_file):
     copy = tmp_path / "source"
     shutil.copytree(source, copy)
