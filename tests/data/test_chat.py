@@ -133,3 +133,48 @@ def test_chat_sft_loss_falls(tmp_path):
     after = result.val_metrics
     assert after["loss"] < 0.5 * before, (before, after)
     assert after["examples"] == len(rows) - 130 and 0.0 <= after["exact_match"] <= 1.0
+
+
+def _arith_task():
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("make_arith_task", REPO / "scripts" / "make_arith_task.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_arith_task_is_deterministic_held_out_and_correct(tmp_path):
+    import re
+
+    from simplified_slm.evaluation.exact_match import extract_answer
+
+    task = _arith_task()
+    task.main(["--out", str(tmp_path / "a"), "--train", "200", "--test", "50", "--seed", "4"])
+    task.main(["--out", str(tmp_path / "b"), "--train", "200", "--test", "50", "--seed", "4"])
+    assert (tmp_path / "a" / "train.jsonl").read_text() == (tmp_path / "b" / "train.jsonl").read_text()
+    train, test = (read_conversations(tmp_path / "a" / f"{s}.jsonl") for s in ("train", "test"))
+    assert len(train) == 200 and len(test) == 50
+    assert not {c[0]["content"] for c in train} & {c[0]["content"] for c in test}
+    for conv in train + test:
+        answer = conv[1]["content"]
+        steps = re.findall(r"(\d+) ([-+*/]) (\d+)(?: [-+] (\d+))? = (\d+)", answer)
+        assert steps and answer.endswith(f"The answer is {extract_answer(answer)}.")
+        for a, op, b, c, result in steps:  # every worked step is right
+            value = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b), "/": int(a) / int(b)}[op]
+            assert value + (int(c) if c else 0) == int(result), answer
+        assert int(steps[-1][-1]) == int(extract_answer(answer))
+
+
+def test_arith_task_converts_gsm8k(tmp_path):
+    rows = [{"question": "Natalia sold 48 clips in April and half as many in May. How many in all?",
+             "answer": "In May she sold 48/2 = <<48/2=24>>24 clips.\nIn all 48+24 = <<48+24=72>>72.\n#### 72"}]
+    _write(tmp_path / "gsm_train.jsonl", rows)
+    _write(tmp_path / "gsm_test.jsonl", rows)
+    _arith_task().main(["--out", str(tmp_path / "out"), "--gsm8k-train", str(tmp_path / "gsm_train.jsonl"),
+                        "--gsm8k-test", str(tmp_path / "gsm_test.jsonl")])
+    [conv] = read_conversations(tmp_path / "out" / "test.jsonl")
+    assert conv[1]["content"] == "In May she sold 48/2 = 24 clips.\nIn all 48+24 = 72.\nThe answer is 72."
+    assert read_conversations(tmp_path / "gsm_train.jsonl")[0][1]["content"].endswith("#### 72")  # read as is too
