@@ -83,10 +83,9 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
     if row == "base":
         out.update(score(GGUF, test_file, args.eval))
     elif row in ("full", "lora"):
-        fields = {} if row == "full" else {"lora": {"r": 16, "alpha": 32.0}, "lr": args.lora_lr,
-                                           "min_lr": args.lora_lr / 10}
-        checkpoint = train(row, work, train_file, test_file, args.budget, lr=args.lr, min_lr=args.lr / 10,
-                           **fields)
+        lr = args.lr if row == "full" else args.lora_lr
+        fields = {"lr": lr, "min_lr": lr / 10, **({"lora": {"r": 16, "alpha": 32.0}} if row == "lora" else {})}
+        checkpoint = train(row, work, train_file, test_file, args.budget, **fields)
         out.update(json.loads((work / row / "row_train.json").read_text()))
         out.update(score(checkpoint, test_file, args.eval))
     else:
