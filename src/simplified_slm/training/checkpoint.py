@@ -343,7 +343,7 @@ def load_training_files(directory: Path, model: torch.nn.Module,
     verify_checkpoint(directory)
     listed = _read_manifest(directory)
     lora = (directory / ADAPTER_CONFIG).is_file()
-    for name in (ADAPTER_WEIGHTS, *REQUIRED_FILES[1:]) if lora else REQUIRED_FILES:
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, *REQUIRED_FILES[1:]) if lora else REQUIRED_FILES:
         if name not in listed:
             raise SLMError(f"checkpoint {directory}: {name} is not covered by its {MANIFEST}; the checkpoint "
                            "is incomplete or was not written by `slm train`")
