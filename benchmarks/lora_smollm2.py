@@ -32,7 +32,7 @@ from simplified_slm.export.hf import export_hf
 from simplified_slm.export.lora import prepare_export
 from simplified_slm.models import load
 from simplified_slm.training.config import TrainConfig
-from simplified_slm.training.lora import LoraSettings, adapter_tensors, attach_lora, merge_lora
+from simplified_slm.training.lora import LoraSettings, attach_lora, merge_lora
 from simplified_slm.training.optim import build_optimizer
 from simplified_slm.training.step import StepSetup, TrainState, model_loss, train_step
 
