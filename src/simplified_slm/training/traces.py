@@ -5,8 +5,8 @@ Logit KD (`distill.py`) stays for same-tokenizer teachers; this is the other rou
 003's second stage). Prompts are JSONL: `{"prompt": text}` (sent as is) or `{"messages":
 [...]}` (rendered with the teacher's chat template, `tokenizers/chat_template.py`), with an
 optional `"id"` (default: the line number). Output rows are `{"id", "prompt" | "messages",
-"completion"}` (a chat record's messages then end with the reply as the assistant turn, so
-the file is SFT data as it stands), written and flushed per batch, so a killed run loses at most the batch in
+"completion"}` (chat SFT data as it stands: `data/chat.py` takes a chat record's completion
+as the reply to its messages), written and flushed per batch, so a killed run loses at most the batch in
 flight: a rerun keeps the finished rows, drops a cut-off last line and answers only the
 rest (`utils/resumable.py`, shared with `slm generate --prompt_file`); `<out>.settings.json`
 records the teacher and settings, and a rerun with others is refused rather than mixed (the
@@ -200,15 +200,6 @@ def _kept_rows(out: Path, records: list[dict], meta: dict) -> list[dict]:
     return list(kept.values())
 
 
-def trace_row(record: dict, completion: str) -> dict:
-    """The output row: SFT data as it stands (`data/chat.py` reads both shapes), so a chat
-    record's messages end with the teacher's reply as the assistant turn."""
-    if "messages" in record:
-        return {**record, "messages": [*record["messages"], {"role": "assistant", "content": completion}],
-                "completion": completion}
-    return {**record, "completion": completion}
-
-
 def settings_path(out: Path) -> Path:
     return out.with_name(out.name + ".settings.json")
 
@@ -232,7 +223,7 @@ def write_traces(teacher: Teacher, records: list[dict], out: str | Path, setting
             batch = todo[start:start + settings.batch_size]
             completions = teacher.complete([teacher.render(r) for _, r in batch], settings,
                                            seed=settings.seed + batch[0][0])
-            sink.write("".join(json.dumps(trace_row(r, c)) + "\n" for (_, r), c in zip(batch, completions)))
+            sink.write("".join(json.dumps({**r, "completion": c}) + "\n" for (_, r), c in zip(batch, completions)))
             sink.flush()
             bar.update(len(batch))
     bar.close()
