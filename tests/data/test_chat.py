@@ -35,8 +35,10 @@ def _write(path, rows):
 
 def test_reader_takes_messages_prompt_completion_and_gsm8k(tmp_path):
     path = _write(tmp_path / "c.jsonl", [{"messages": TWO_TURNS}, {"prompt": "p", "completion": "c"},
-                                         {"question": "q", "answer": "a\n#### 3"}])
+                                         {"question": "q", "answer": "a\n#### 3"},
+                                         {"id": 4, "messages": TWO_TURNS[:4], "completion": "8"}])  # a trace
     convs = read_conversations(path)
+    assert convs[3] == TWO_TURNS
     assert convs[0] == TWO_TURNS
     assert convs[1] == [{"role": "user", "content": "p"}, {"role": "assistant", "content": "c"}]
     assert convs[2][1]["content"] == "a\n#### 3"

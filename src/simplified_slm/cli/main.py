@@ -64,6 +64,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from simplified_slm.tokenizers import build_tokenizer
 
     cfg = _experiment(args)
+    if cfg.data.format == "chat":
+        raise SLMError("chat data is tokenized by slm train itself (data/chat.py); slm prepare writes token shards")
     out = check_output_dir(args.out or Path(cfg.output_dir) / "data", "--out", args.overwrite,
                            reusable=lambda folder: (folder / META_FILE).is_file())  # refreshed in place
     tokenizer = build_tokenizer(cfg.tokenizer, tokenizer_texts(cfg.data))

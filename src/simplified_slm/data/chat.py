@@ -1,8 +1,9 @@
 """Chat / instruction data for supervised fine-tuning, with loss on the answers only.
 
 A JSONL line is a conversation: `{"messages": [{"role", "content"}, ...]}`, or
-`{"prompt", "completion"}` (one user turn, one reply), or GSM8K's `{"question", "answer"}`
-(the same). It is rendered with the chat template (`tokenizers/chat_template.py`, the one
+`{"prompt", "completion"}` (one user turn, one reply; `slm distill traces` writes these, or
+`{"messages", "completion"}`, the reply to the messages), or GSM8K's `{"question",
+"answer"}` (one turn). It is rendered with the chat template (`tokenizers/chat_template.py`, the one
 serving and `slm chat` use), each part tokenized on its own, and every id outside an
 assistant reply gets the label -100 (ignored by `next_token_loss`), so prompt tokens get no
 gradient. A reply includes the template's end-of-turn text, so the model learns to stop.
@@ -58,6 +59,9 @@ def conversation(record: Any, where: str) -> list[Message]:
     """The messages of one JSONL record in any accepted shape, checked."""
     if isinstance(record, dict) and "messages" in record:
         messages = record["messages"]
+        if "completion" in record:  # a teacher trace of a conversation (`slm distill traces`)
+            messages = [*messages, {"role": "assistant", "content": record["completion"]}] \
+                if isinstance(messages, list) else messages
     elif isinstance(record, dict) and "prompt" in record and "completion" in record:
         messages = [{"role": "user", "content": record["prompt"]},
                     {"role": "assistant", "content": record["completion"]}]
@@ -171,12 +175,18 @@ class ChatBatchSampler:
             raise SLMError("no chat examples to train on; check data.train_file")
         if batch_size < 1 or block_size < 1:
             raise SLMError(f"batch_size and block_size must be at least 1, got {batch_size} and {block_size}")
-        self.examples, self.block_size, self.batch_size, self.seed, self.mode = (
-            list(examples), block_size, batch_size, seed, mode)
+        self.block_size, self.batch_size, self.seed, self.mode = block_size, batch_size, seed, mode
+        # an example whose reply starts past the window has nothing to train on (its loss would be 0/0)
+        self.examples = [e for e in examples if np.any(e.labels[1:block_size + 1] != IGNORE)]
+        if not self.examples:
+            raise SLMError(f"no chat example has a reply within block_size + 1 = {block_size + 1} tokens; "
+                           "raise train.block_size")
         cut = sum(len(e.ids) - 1 > block_size for e in self.examples)
-        if cut:
-            warn(f"{cut} of {len(self.examples)} chat examples are longer than block_size + 1 = {block_size + 1} "
-                 "tokens and are cut on the right; raise train.block_size to keep their answers whole")
+        dropped = len(examples) - len(self.examples)
+        if cut or dropped:
+            warn(f"{cut + dropped} of {len(examples)} chat examples are longer than block_size + 1 = "
+                 f"{block_size + 1} tokens: {cut} cut on the right, {dropped} left out (their replies start past "
+                 "it); raise train.block_size to keep them whole")
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mode == "random":

@@ -47,7 +47,11 @@ def run_tokenizer(cfg: ExperimentConfig, texts: Callable[[], Iterable[str]]) -> 
 def pretrained_model(cfg: ExperimentConfig, tokenizer: Tokenizer, device: torch.device) -> CausalLM:
     """The source's weights (float, trainable, on `device`) under the run's model config."""
     path = cfg.train.init_from
-    loaded = load(path, device)
+    loaded = load(path, device)  # float: what training needs (a quantized load would be refused below)
+    packed = [name for name, tensor in loaded.model.state_dict().items() if not tensor.is_floating_point()]
+    if packed:
+        raise SLMError(f"train.init_from {path} loaded with quantized or packed weights ({packed[0]}, ...), which "
+                       "cannot be trained; start from a float model folder, transformers folder or GGUF")
     if tokenizer_digest(tokenizer) != tokenizer_digest(loaded.tokenizer):
         raise SLMError(f"the configured tokenizer ({tokenizer.kind}, {tokenizer.vocab_size} ids) is not the "
                        f"tokenizer of train.init_from {path} ({loaded.tokenizer.kind}, "
