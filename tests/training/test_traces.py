@@ -54,6 +54,7 @@ def test_greedy_traces_are_deterministic_and_batching_changes_nothing(teacher_di
     assert rows[-1] == {"id": "chat", "messages": [{"role": "user", "content": "hi"}], "completion": outs[0]["chat"]}
     conversations = read_conversations(tmp_path / "t0.jsonl")  # SFT data for the student as it stands
     assert conversations[0] == [{"role": "user", "content": "2+2="}, {"role": "assistant", "content": outs[0][1]}]
+    assert conversations[-1] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": outs[0]["chat"]}]
 
 
 def test_a_killed_run_resumes_with_every_prompt_exactly_once(teacher_dir, tmp_path):
