@@ -127,8 +127,9 @@ def make_traces(args: argparse.Namespace) -> dict:
         question, answer = next(stream)
         if question not in known:
             fresh.append((question, answer))
-    (work / "prompts.jsonl").write_text("".join(json.dumps({"id": i, "prompt": q}) + "\n"
-                                                for i, (q, _) in enumerate(fresh)))
+    # chat records: the teacher was fine-tuned on template-rendered questions and answers in that template
+    (work / "prompts.jsonl").write_text("".join(json.dumps({"id": i, "messages": [{"role": "user", "content": q}]})
+                                                + "\n" for i, (q, _) in enumerate(fresh)))
     (work / "truth.jsonl").write_text("".join(json.dumps(record(q, a)) + "\n" for q, a in fresh))
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "simplified_slm.cli", "distill", "traces", "--teacher",

@@ -7,6 +7,7 @@ import torch
 import transformers
 
 from conftest import family_model
+from simplified_slm.data.chat import read_conversations
 from simplified_slm.errors import SLMError
 from simplified_slm.export.hf import export_hf
 from simplified_slm.tokenizers import ByteTokenizer
@@ -50,7 +51,10 @@ def test_greedy_traces_are_deterministic_and_batching_changes_nothing(teacher_di
     assert outs[0][2] == ByteTokenizer().decode(solo)
     rows = [json.loads(line) for line in (tmp_path / "t0.jsonl").read_text().splitlines()]
     assert rows[0] == {"id": 1, "prompt": "2+2=", "completion": outs[0][1]}
-    assert rows[-1]["messages"] == [{"role": "user", "content": "hi"}]
+    assert rows[-1] == {"id": "chat", "messages": [{"role": "user", "content": "hi"}], "completion": outs[0]["chat"]}
+    conversations = read_conversations(tmp_path / "t0.jsonl")  # SFT data for the student as it stands
+    assert conversations[0] == [{"role": "user", "content": "2+2="}, {"role": "assistant", "content": outs[0][1]}]
+    assert conversations[-1] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": outs[0]["chat"]}]
 
 
 def test_a_killed_run_resumes_with_every_prompt_exactly_once(teacher_dir, tmp_path):

@@ -21,7 +21,8 @@ import torch
 from simplified_slm.errors import SLMError
 from simplified_slm.models.base import CausalLM
 from simplified_slm.models.gpt import GPTForCausalLM
-from simplified_slm.training.lora import adapter_tensors, has_lora, merge_lora, save_adapter, unload_lora
+from simplified_slm.training.lora import (adapter_tensors, has_lora, merge_lora, named_adapter, save_adapter,
+                                          unload_lora)
 
 ADAPTER_SUBDIR = "adapter"
 ADAPTER_FORMATS = ("safetensors", "hf")  # the formats a separate adapter can be put onto
@@ -79,16 +80,10 @@ def prepare_export(model: CausalLM, fmt: str, merge: bool) -> tuple[CausalLM, Ca
     if fmt not in ADAPTER_FORMATS:
         raise SLMError(f"a LoRA checkpoint exports as --format {fmt} only with --merge-lora (the adapter "
                        f"folded into the weights); without it use {' or '.join(ADAPTER_FORMATS)}")
-    tensors, config = transformers_adapter(model) if fmt == "hf" else (None, None)
-    snapshot = {name: (a.detach().clone(), b.detach().clone()) for name, (a, b) in adapter_tensors(model).items()}
-    lora_config = model.lora_config
+    tensors, config = transformers_adapter(model) if fmt == "hf" else named_adapter(model)
 
     def write(folder: Path, final: Path) -> dict:
-        own = None
-        if tensors is None:
-            own = {f"{name}.lora_{x}.weight": t for name, pair in snapshot.items() for x, t in zip("AB", pair)}
-        save_adapter(model, folder / ADAPTER_SUBDIR, base=str(final.resolve()), tensors=tensors or own,
-                     config=config or lora_config)
+        save_adapter(folder / ADAPTER_SUBDIR, tensors, config, base=str(final.resolve()))
         return {"adapter": str(final / ADAPTER_SUBDIR)}
 
     return unload_lora(model), write

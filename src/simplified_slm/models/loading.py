@@ -4,7 +4,8 @@ Every consumer (`slm eval/generate/export/boundaries`, distillation teachers,
 `scripts/evaluate_model.py`) goes through here, so each kind of model on disk is
 recognised, verified and paired with its tokenizer the same way:
 
-- a training checkpoint folder (`manifest.json`): every file is verified first;
+- a training checkpoint folder (`manifest.json`): every file is verified first; a LoRA
+  run's (`adapter_config.json`) is its config + the base weights it names + the adapter;
 - our model folder (`config.json` with `family`, from `save_pretrained` or an export);
 - a packed ternary folder (`model.ternary.safetensors`);
 - a transformers folder (`config.json` with `model_type` llama / gpt2 / bitnet, safetensors

@@ -29,7 +29,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from simplified_slm.errors import SLMError
-from simplified_slm.training.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, has_lora, load_adapter_weights, save_adapter
+from simplified_slm.training.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, has_lora, load_adapter_weights,
+                                          named_adapter, save_adapter)
 from simplified_slm.utils.io import atomic_write, atomic_write_json, fsync_dir, sha256_file, swap_dir
 
 MANIFEST = "manifest.json"
@@ -287,7 +288,7 @@ def save_training_files(directory: Path, model: torch.nn.Module, tokenizer: Any,
     """Everything needed to resume, written into `directory` (called inside `save`); a LoRA
     run's model is its adapter (peft's format), the frozen base stays where it came from."""
     if has_lora(model):  # + the run's model config; the base weights stay at base_model_name_or_path
-        save_adapter(model, directory, tokenizer=tokenizer)
+        save_adapter(directory, *named_adapter(model), tokenizer=tokenizer)
         atomic_write_json(directory / "config.json", model.config.to_dict())
     else:
         model.save_pretrained(directory, tokenizer=tokenizer)
@@ -342,7 +343,7 @@ def load_training_files(directory: Path, model: torch.nn.Module,
     verify_checkpoint(directory)
     listed = _read_manifest(directory)
     lora = (directory / ADAPTER_CONFIG).is_file()
-    for name in (ADAPTER_WEIGHTS, *REQUIRED_FILES[1:]) if lora else REQUIRED_FILES:
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, *REQUIRED_FILES[1:]) if lora else REQUIRED_FILES:
         if name not in listed:
             raise SLMError(f"checkpoint {directory}: {name} is not covered by its {MANIFEST}; the checkpoint "
                            "is incomplete or was not written by `slm train`")

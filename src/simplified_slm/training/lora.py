@@ -99,15 +99,12 @@ def resolve_targets(model: nn.Module, settings: LoraSettings) -> list[str]:
     return list(targets)
 
 
-def peft_config(settings: LoraSettings, targets: list[str], base: str | None, **extra: Any) -> Any:
-    return _peft().LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                              target_modules=targets, bias="none", base_model_name_or_path=base, **extra)
-
-
 def attach_lora(model: nn.Module, settings: LoraSettings, base: str | None = None) -> nn.Module:
     """Inject fresh adapters (B = 0, so the model's output is unchanged) in place; only they
     stay trainable. `base` is recorded as the adapter's `base_model_name_or_path`."""
-    config = peft_config(settings, resolve_targets(model, settings), base)
+    config = _peft().LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                                target_modules=resolve_targets(model, settings), bias="none",
+                                base_model_name_or_path=base)
     return _inject(model, config)
 
 
@@ -136,21 +133,25 @@ def adapter_tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Ten
             for name, layer in lora_layers(model).items()}
 
 
-def save_adapter(model: nn.Module, directory: str | Path, tokenizer: Any = None, base: str | None = None,
-                 tensors: dict[str, torch.Tensor] | None = None, config: Any = None) -> None:
+def named_adapter(model: nn.Module) -> tuple[dict[str, torch.Tensor], Any]:
+    """The model's adapter as {`<our module>.lora_A/B.weight`: tensor} and its peft config."""
+    tensors = {}
+    for name, (a, b) in adapter_tensors(model).items():
+        tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = a, b
+    return tensors, model.lora_config
+
+
+def save_adapter(directory: str | Path, tensors: dict[str, torch.Tensor], config: Any, tokenizer: Any = None,
+                 base: str | None = None) -> None:
     """`adapter_config.json` + `adapter_model.safetensors` in peft's format (+ the tokenizer
-    files, as `save_pretrained` writes them). Defaults: the model's own adapters under our
-    module names; `tensors`/`config` (module name -> tensor, e.g. transformers' names) write
-    another naming of the same adapter."""
+    files, as `save_pretrained` writes them); `tensors` are keyed by module name (ours from
+    `named_adapter`, or transformers' from `export/lora.py`); `base` overrides the config's
+    `base_model_name_or_path`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = copy.deepcopy(config if config is not None else model.lora_config)
+    config = copy.deepcopy(config)
     if base is not None:
         config.base_model_name_or_path = base
-    if tensors is None:
-        tensors = {}
-        for name, (a, b) in adapter_tensors(model).items():
-            tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = a, b
     state = {PEFT_PREFIX + key: value.detach().float().cpu().contiguous() for key, value in tensors.items()}
     atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     config.save_pretrained(str(directory))
@@ -168,8 +169,9 @@ def read_adapter_config(directory: str | Path) -> Any:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise SLMError(f"cannot read {path} ({type(err).__name__}); the adapter folder is damaged") from None
-    if not isinstance(raw, dict) or raw.get("peft_type") != "LORA":
-        raise SLMError(f"{path} is not a LoRA adapter config (peft_type {raw.get('peft_type') if isinstance(raw, dict) else None!r})")
+    kind = raw.get("peft_type") if isinstance(raw, dict) else None
+    if kind != "LORA":
+        raise SLMError(f"{path} is not a LoRA adapter config (peft_type {kind!r}); pass a LoRA adapter folder")
     return _peft().LoraConfig.from_pretrained(str(path.parent))
 
 

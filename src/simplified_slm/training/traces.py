@@ -5,7 +5,8 @@ Logit KD (`distill.py`) stays for same-tokenizer teachers; this is the other rou
 003's second stage). Prompts are JSONL: `{"prompt": text}` (sent as is) or `{"messages":
 [...]}` (rendered with the teacher's chat template, `tokenizers/chat_template.py`), with an
 optional `"id"` (default: the line number). Output rows are `{"id", "prompt" | "messages",
-"completion"}`, written and flushed per batch, so a killed run loses at most the batch in
+"completion"}` (chat SFT data as it stands: `data/chat.py` takes a chat record's completion
+as the reply to its messages), written and flushed per batch, so a killed run loses at most the batch in
 flight: a rerun keeps the finished rows, drops a cut-off last line and answers only the
 rest (`utils/resumable.py`, shared with `slm generate --prompt_file`); `<out>.settings.json`
 records the teacher and settings, and a rerun with others is refused rather than mixed (the
