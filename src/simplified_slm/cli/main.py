@@ -64,6 +64,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from simplified_slm.tokenizers import build_tokenizer
 
     cfg = _experiment(args)
+    if cfg.data.format == "chat":
+        raise SLMError("chat data is tokenized by slm train itself (data/chat.py); slm prepare writes token shards")
     out = check_output_dir(args.out or Path(cfg.output_dir) / "data", "--out", args.overwrite,
                            reusable=lambda folder: (folder / META_FILE).is_file())  # refreshed in place
     tokenizer = build_tokenizer(cfg.tokenizer, tokenizer_texts(cfg.data))
@@ -185,6 +187,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return run_generate(model, tokenizer, args)
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from simplified_slm.cli.chat_cmd import check_chat_args, run_chat
+
+    check_chat_args(args)
+    model, tokenizer = _load_model(args.model_path, args.device)
+    return run_chat(model, tokenizer, args)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from simplified_slm.cli.pipeline import run_pipeline
 
@@ -231,8 +241,13 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise SLMError(f"the model's {type(tokenizer).__name__} has no transformers equivalent, so "
                            "AutoTokenizer could not load the export; use --format safetensors, or train with "
                            "a byte or bpe tokenizer")
+    from simplified_slm.export.lora import prepare_export
+
+    model, write_adapter = prepare_export(model, args.format, args.merge_lora)  # LoRA: merged, or base + adapter/
     with atomic_dir(out) as tmp:  # written beside --out, then swapped in: no half or mixed folder
         info = _export(args.format, model, tokenizer, tmp)
+        if write_adapter is not None:
+            info.update(write_adapter(tmp, out))
     if "file" in info:  # report the final path, not the temporary one
         info["file"] = str(out / Path(info["file"]).name)
     print(json.dumps({"out": args.out, **info}))
@@ -271,7 +286,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(model_name=args.model_name or model_name(args.model_path), max_batch=args.max_batch,
                           max_queue=args.max_queue, api_key=args.api_key, request_timeout_s=args.request_timeout,
                           max_body_bytes=args.max_body_bytes)
-    serve(model, tokenizer, args.model_path, config, args.host, args.port, args.grace_period)
+    serve(model, tokenizer, config, args.host, args.port, args.grace_period)
     return 0
 
 
@@ -351,6 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_args(p)
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("chat", help="chat with a model in its chat template, on stdin/stdout")
+    from simplified_slm.cli.chat_cmd import add_chat_args
+    add_chat_args(p)
+    p.set_defaults(func=cmd_chat)
+
     p = sub.add_parser("export", help="write a model in another format")
     p.add_argument("--checkpoint", required=True, help="checkpoint or model folder")
     p.add_argument("--format", required=True, choices=["safetensors", "ternary", "hf", "onnx", "coreml"],
@@ -360,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "hgrn_bit); coreml: model.mlpackage for macOS/iOS (gpt, llama, bitnet); see docs/EXPORT.md")
     p.add_argument("--out", required=True, help="output folder: new or empty, or pass --overwrite")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder (atomically)")
+    p.add_argument("--merge-lora", "--merge_lora", dest="merge_lora", action="store_true",
+                   help="a LoRA checkpoint: fold the adapter into the weights (without it, safetensors/hf "
+                        "exports write the base model with the adapter in adapter/, docs/FINETUNING.md)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("boundaries", help="show an hnet_bit model's learned chunk boundaries ('|') on text")
@@ -388,6 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds running requests may finish after SIGTERM")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_serve)
+
+    from simplified_slm.cli.distill_cmd import add_distill_parser
+
+    add_distill_parser(sub)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)

@@ -6,6 +6,7 @@ import time
 
 from simplified_slm.data import load_prepared
 from simplified_slm.evaluation.analysis import analyze_after_run
+from simplified_slm.errors import SLMError
 from simplified_slm.evaluation.evaluator import evaluate_model
 from simplified_slm.models import load
 from simplified_slm.training.config import ExperimentConfig
@@ -14,6 +15,9 @@ from simplified_slm.utils.io import atomic_write_json
 
 
 def run_pipeline(cfg: ExperimentConfig, resume: str | None = None, allow_data_change: bool = False) -> int:
+    if cfg.data.format == "chat":
+        raise SLMError("slm run evaluates token data; train chat data with slm train (its validation reports the "
+                       "answer loss and, with train.eval_exact_match, exact match)")
     started = time.perf_counter()
     result = Trainer(cfg, resume=resume, allow_data_change=allow_data_change).run()
     if result.interrupted:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from simplified_slm.errors import SLMError
-from simplified_slm.utils.io import atomic_write_text
+from simplified_slm.utils.resumable import append_after, earlier_rows
 
 EXIT_SKIPPED = 1
 _SETTINGS = ("model_path", "max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "greedy", "seed")
@@ -43,19 +43,10 @@ def _read_prompts(path: Path) -> tuple[list[tuple[int, str]], int]:
 def _earlier_rows(out: Path, settings: dict) -> list[dict]:
     """The rows an interrupted run of the same command left in `out`; a last row cut off by
     a kill is dropped."""
-    if not out.is_file():
-        return []
-    lines = out.read_bytes().splitlines()
     rows = []
-    for index, line in enumerate(lines):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            if index == len(lines) - 1:
-                break
-            row = None
+    for number, row in earlier_rows(out):
         if not (isinstance(row, dict) and {"line", "prompt", "completion"} <= row.keys()):
-            raise SLMError(f"--output_file {out} is not the output of a prompt-file run (line {index + 1}); "
+            raise SLMError(f"--output_file {out} is not the output of a prompt-file run (line {number}); "
                            "choose another file")
         if row.get("settings") != settings:
             raise SLMError(f"--output_file {out} holds completions made with other settings or another model; "
@@ -100,8 +91,7 @@ def run_prompt_file(args: argparse.Namespace, complete: Callable[[str], str]) ->
     if kept:
         print(f"resuming: {len(prompts) - len(todo)} of {len(prompts)} prompts already answered in {out}",
               file=sys.stderr)
-        atomic_write_text(out, "".join(json.dumps(row) + "\n" for row in kept))  # drops a cut-off row
-    sink: TextIO = open(out, "a" if kept else "w", encoding="utf-8") if out else sys.stdout
+    sink: TextIO = (append_after(out, kept) if jsonl else open(out, "w", encoding="utf-8")) if out else sys.stdout
     progress, written = _Progress(len(todo)), 0
     try:
         for number, prompt in todo:

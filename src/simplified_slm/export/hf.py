@@ -53,6 +53,39 @@ def _transformers():
     return transformers
 
 
+# our GPT projection -> (GPT-2 Conv1D module, part): c_attn holds q, k and v stacked along
+# its outputs; the one name mapping for weights (both directions) and LoRA adapters
+_GPT2_LINEARS = {"attn.q_proj": ("attn.c_attn", 0), "attn.k_proj": ("attn.c_attn", 1),
+                 "attn.v_proj": ("attn.c_attn", 2), "attn.o_proj": ("attn.c_proj", 0),
+                 "mlp.up_proj": ("mlp.c_fc", 0), "mlp.down_proj": ("mlp.c_proj", 0)}
+
+
+def _gpt2_fused() -> dict[str, list[str]]:
+    """GPT-2 module -> our projections stacked in it, in order."""
+    fused: dict[str, list[str]] = {}
+    for ours, (theirs, _) in sorted(_GPT2_LINEARS.items(), key=lambda item: item[1]):
+        fused.setdefault(theirs, []).append(ours)
+    return fused
+
+
+def transformers_linear(model: CausalLM, name: str) -> tuple[str, int, int]:
+    """Our Linear module `name` -> (the transformers module holding it, its part, the parts
+    stacked there along the outputs): GPT-2's c_attn holds q, k, v as parts 0-2; every other
+    projection is the whole module (part 0 of 1)."""
+    if name == "lm_head":
+        return name, 0, 1
+    if isinstance(model, GPTForCausalLM):
+        layer, _, local = name.partition(".")
+        index, _, local = local.partition(".")
+        theirs, part = _GPT2_LINEARS[local]
+        return f"transformer.h.{index}.{theirs}", part, len(_gpt2_fused()[theirs])
+    if isinstance(model, BitNetForCausalLM):
+        return _bitnet_name(name), 0, 1
+    if isinstance(model, LlamaForCausalLM):
+        return f"model.{name}", 0, 1
+    raise SLMError(f"no native transformers format for family '{model.config.family}'")
+
+
 def _gpt2_state(model: GPTForCausalLM) -> dict[str, torch.Tensor]:
     """Our GPT weights in GPT-2's layout (Conv1D stores weights as (in, out); fused qkv)."""
     cfg = model.config
@@ -66,15 +99,10 @@ def _gpt2_state(model: GPTForCausalLM) -> dict[str, torch.Tensor]:
         bias = lambda name, n: sd.get(p + name, zeros(n))  # noqa: E731
         out[h + "ln_1.weight"], out[h + "ln_1.bias"] = sd[p + "ln_1.weight"], bias("ln_1.bias", cfg.d_model)
         out[h + "ln_2.weight"], out[h + "ln_2.bias"] = sd[p + "ln_2.weight"], bias("ln_2.bias", cfg.d_model)
-        qkv = [sd[p + f"attn.{x}_proj.weight"] for x in "qkv"]
-        out[h + "attn.c_attn.weight"] = torch.cat(qkv, 0).t()
-        out[h + "attn.c_attn.bias"] = torch.cat([bias(f"attn.{x}_proj.bias", cfg.d_model) for x in "qkv"])
-        out[h + "attn.c_proj.weight"] = sd[p + "attn.o_proj.weight"].t()
-        out[h + "attn.c_proj.bias"] = bias("attn.o_proj.bias", cfg.d_model)
-        out[h + "mlp.c_fc.weight"] = sd[p + "mlp.up_proj.weight"].t()
-        out[h + "mlp.c_fc.bias"] = bias("mlp.up_proj.bias", cfg.intermediate_size)
-        out[h + "mlp.c_proj.weight"] = sd[p + "mlp.down_proj.weight"].t()
-        out[h + "mlp.c_proj.bias"] = bias("mlp.down_proj.bias", cfg.d_model)
+        for theirs, ours in _gpt2_fused().items():
+            weights = [sd[f"{p}{name}.weight"] for name in ours]
+            out[f"{h}{theirs}.weight"] = torch.cat(weights, 0).t()
+            out[f"{h}{theirs}.bias"] = torch.cat([bias(f"{name}.bias", w.shape[0]) for name, w in zip(ours, weights)])
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -283,11 +311,10 @@ def gpt_from_transformers(hf_model) -> GPTForCausalLM:
         p, h = f"layers.{i}.", f"transformer.h.{i}."
         for norm in ("ln_1", "ln_2"):
             state[f"{p}{norm}.weight"], state[f"{p}{norm}.bias"] = sd[f"{h}{norm}.weight"], sd[f"{h}{norm}.bias"]
-        for x, w, b in zip("qkv", sd[h + "attn.c_attn.weight"].t().chunk(3), sd[h + "attn.c_attn.bias"].chunk(3)):
-            state[f"{p}attn.{x}_proj.weight"], state[f"{p}attn.{x}_proj.bias"] = w, b
-        for ours, theirs in (("attn.o_proj", "attn.c_proj"), ("mlp.up_proj", "mlp.c_fc"),
-                             ("mlp.down_proj", "mlp.c_proj")):
-            state[f"{p}{ours}.weight"], state[f"{p}{ours}.bias"] = sd[f"{h}{theirs}.weight"].t(), sd[f"{h}{theirs}.bias"]
+        for theirs, ours in _gpt2_fused().items():
+            parts = zip(ours, sd[f"{h}{theirs}.weight"].t().chunk(len(ours)), sd[f"{h}{theirs}.bias"].chunk(len(ours)))
+            for name, w, b in parts:
+                state[f"{p}{name}.weight"], state[f"{p}{name}.bias"] = w, b
     return _load_mapped(GPTForCausalLM(config), {k: v.contiguous() for k, v in state.items()}, "GPT-2")
 
 
@@ -314,6 +341,11 @@ def bitnet_from_transformers(hf_model) -> BitNetForCausalLM:
 
 
 _IMPORTERS = {"llama": llama_from_transformers, "gpt2": gpt_from_transformers, "bitnet": bitnet_from_transformers}
+
+
+def importable(model_type: str | None) -> bool:
+    """Whether a transformers folder of this `model_type` imports into one of our families."""
+    return model_type in _IMPORTERS
 
 
 def import_gguf_llama(path: str | Path) -> LlamaForCausalLM:

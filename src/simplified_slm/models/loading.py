@@ -4,7 +4,8 @@ Every consumer (`slm eval/generate/export/boundaries`, distillation teachers,
 `scripts/evaluate_model.py`) goes through here, so each kind of model on disk is
 recognised, verified and paired with its tokenizer the same way:
 
-- a training checkpoint folder (`manifest.json`): every file is verified first;
+- a training checkpoint folder (`manifest.json`): every file is verified first; a LoRA
+  run's (`adapter_config.json`) is its config + the base weights it names + the adapter;
 - our model folder (`config.json` with `family`, from `save_pretrained` or an export);
 - a packed ternary folder (`model.ternary.safetensors`);
 - a transformers folder (`config.json` with `model_type` llama / gpt2 / bitnet, safetensors
@@ -106,6 +107,10 @@ class ModelSource:
             from simplified_slm.export.ternary import load_packed
 
             model = load_packed(self.path)
+        elif (self.path / "adapter_config.json").is_file():  # a LoRA run: its base + the adapter
+            from simplified_slm.training.lora import load_adapted
+
+            model = load_adapted(self.path)
         else:
             model = CausalLM.from_pretrained(self.path)
         if tokenizer.vocab_size > model.config.vocab_size:

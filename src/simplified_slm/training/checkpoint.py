@@ -29,6 +29,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from simplified_slm.errors import SLMError
+from simplified_slm.training.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, has_lora, load_adapter_weights,
+                                          named_adapter, save_adapter)
 from simplified_slm.utils.io import atomic_write, atomic_write_json, fsync_dir, sha256_file, swap_dir
 
 MANIFEST = "manifest.json"
@@ -283,8 +285,13 @@ class CheckpointManager:
 
 def save_training_files(directory: Path, model: torch.nn.Module, tokenizer: Any,
                         optimizer_state: dict[str, Any], state: dict[str, Any]) -> None:
-    """Everything needed to resume, written into `directory` (called inside `save`)."""
-    model.save_pretrained(directory, tokenizer=tokenizer)
+    """Everything needed to resume, written into `directory` (called inside `save`); a LoRA
+    run's model is its adapter (peft's format), the frozen base stays where it came from."""
+    if has_lora(model):  # + the run's model config; the base weights stay at base_model_name_or_path
+        save_adapter(directory, *named_adapter(model), tokenizer=tokenizer)
+        atomic_write_json(directory / "config.json", model.config.to_dict())
+    else:
+        model.save_pretrained(directory, tokenizer=tokenizer)
     torch.save(optimizer_state, directory / OPTIMIZER_FILE)
     rng_json, rng_tensors = capture_rng()
     atomic_write(directory / RNG_FILE, lambda tmp: save_file(rng_tensors, str(tmp)))  # umask mode, not 0600
@@ -335,11 +342,18 @@ def load_training_files(directory: Path, model: torch.nn.Module,
     directory = Path(directory)
     verify_checkpoint(directory)
     listed = _read_manifest(directory)
-    for name in REQUIRED_FILES:
+    lora = (directory / ADAPTER_CONFIG).is_file()
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, *REQUIRED_FILES[1:]) if lora else REQUIRED_FILES:
         if name not in listed:
             raise SLMError(f"checkpoint {directory}: {name} is not covered by its {MANIFEST}; the checkpoint "
                            "is incomplete or was not written by `slm train`")
-    model.load_weights(directory / "model.safetensors", map_location=model.device)
+    if lora != has_lora(model):
+        raise SLMError(f"checkpoint {directory} {'holds' if lora else 'has no'} a LoRA adapter but this run "
+                       f"{'does not use' if lora else 'uses'} train.lora; resume with the checkpoint's settings")
+    if lora:
+        load_adapter_weights(model, directory)
+    else:
+        model.load_weights(directory / "model.safetensors", map_location=model.device)
     state = read_trainer_state(directory)
     if optimizer is not None:
         load_optimizer_state(directory, optimizer.load_state_dict)
