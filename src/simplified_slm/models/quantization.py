@@ -141,6 +141,18 @@ def quantization_record(model: nn.Module) -> dict[str, dict[str, Any]]:
     return record
 
 
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers, a tensor shared by two modules (a
+    tied embedding and head) once."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.numel() and tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
 def summary(record: dict[str, dict[str, Any]]) -> str:
     """`q4_1 (g32)`, or `q4_1 (g32) + q8_0 (g32)` for a mixed model such as a GGUF's."""
     kinds = dict.fromkeys(f"{e['scheme']}" + (f" (g{e['group_size']})" if e["group_size"] else "")
