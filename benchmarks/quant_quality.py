@@ -10,8 +10,7 @@ dequantized values as they would any float weights.
 
 Every model goes through `models.load`'s own path (`ModelSource.model(..., quantize=...)`:
 the GGUF read tensor by tensor, quantized as read). The text is the first `--blocks`
-windows of `--block-size` tokens of the validation split (documents separated by the eos
-id, as `slm prepare` does), scored in full windows: the prefill numerics (weights
+windows of `--block-size` tokens of the validation split, scored in full windows: the prefill numerics (weights
 dequantized, float32 GEMM). The int8-activation GEMV that decoding runs is reflected in
 the greedy continuations printed by bench_decode_smollm2.py.
 
@@ -48,16 +47,11 @@ BOUNDS = {"int8 (q8_0)": 0.01, "int4 (q4_1)": 0.05}  # the issue's: int8 within 
 
 
 def validation_tokens(tokenizer, count: int) -> np.ndarray:
-    """The first `count` tokens of the TinyStories validation split, eos between documents."""
+    """The first `count` tokens of the TinyStories validation split (its text from the start;
+    a token is at least one character, so `8 * count` characters are plenty)."""
     docs, _ = validation_documents(DataConfig(dataset="tinystories"))
-    ids: list[int] = []
-    for doc in docs:
-        if ids and tokenizer.eos_token_id is not None:
-            ids.append(tokenizer.eos_token_id)
-        ids.extend(tokenizer.encode_ids(doc.text))
-        if len(ids) > count:
-            break
-    return np.asarray(ids[:count], dtype=np.int64)
+    text = "".join(doc.text for doc in docs)[:8 * count]
+    return np.asarray(tokenizer.encode_ids(text)[:count], dtype=np.int64)
 
 
 def bits_per_byte(model, tokenizer, tokens: np.ndarray, block_size: int, batch_size: int) -> dict[str, float]:
