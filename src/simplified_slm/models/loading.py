@@ -150,8 +150,8 @@ class ModelSource:
             return CausalLM.from_pretrained(self.path)
         config = _folder_config(self.path)
         source = SafetensorsWeights(self.path / WEIGHTS_FILE)
-        skeleton_plan = uniform_plan(meta_model(config), scheme, group_size)
-        return build_model(config, source, skeleton_plan, str(self.path / WEIGHTS_FILE))
+        plan = uniform_plan(meta_model(config), scheme, group_size)
+        return build_model(config, source, plan, str(self.path / WEIGHTS_FILE))
 
     def weight_files(self) -> list[Path]:
         """The files the weights come from (what a cache of the model's outputs is keyed by)."""
