@@ -139,6 +139,9 @@ def main() -> None:
         variants[f"ours {name}"] = lambda m=model: m.generate(ids, n, greedy=True)[0, prompt_len:].tolist()
     compile_s: dict[str, float] = {}
     if args.compile:
+        # four models share one forward: dynamo's default of 8 graphs per function would
+        # leave the last model eager (each model needs two: the first step, then dynamic lengths)
+        torch._dynamo.config.recompile_limit = 64
         for name, model in ours.items():
             compile_s[name] = timed(lambda m=model: m.generate(ids, 2, greedy=True, compile=True))
             variants[f"ours {name} + compile"] = \
