@@ -49,7 +49,7 @@ def score(model_path: Path, test_file: Path, n: int) -> dict:
     from simplified_slm.models import load
     from simplified_slm.tokenizers.chat_template import ChatTemplate
 
-    loaded = load(model_path)
+    loaded = load(model_path, quantize="none")
     template = ChatTemplate.for_tokenizer(loaded.tokenizer)
     examples = [encode_conversation(c, template, loaded.tokenizer) for c in read_conversations(test_file)[:n]]
     started = time.perf_counter()

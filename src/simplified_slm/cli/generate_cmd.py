@@ -48,7 +48,8 @@ def complete(model: CausalLM, tokenizer: Tokenizer, prompt: str, args: argparse.
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                          repetition_penalty=args.repetition_penalty, seed=args.seed,
                          eos_token_id=tokenizer.eos_token_id, on_token=on_token if stream else None,
-                         compile=getattr(args, "compile", False))
+                         compile=getattr(args, "compile", False),
+                         kv_cache_dtype=getattr(args, "kv_cache_dtype", None))
     if stream:
         sys.stdout.write(tokenizer.decode(printed) + "\n")
     return tokenizer.decode(out[0, len(ids):])

@@ -1,4 +1,4 @@
-"""The `slm` command: prepare, train, eval, harness, generate, run, serve, tokenizer.
+"""The `slm` command: prepare, train, eval, harness, generate, run, serve, quantize, tokenizer.
 
 Every user-fixable problem surfaces as `error: <one line>` with exit code 2; tracebacks
 are kept for real bugs only.
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from simplified_slm.cli.outputs import check_output_dir, check_output_file
+from simplified_slm.cli.quantize_cmd import add_quantize_args, add_quantize_command
 from simplified_slm.errors import SLMError
 from simplified_slm.utils.io import atomic_dir, atomic_write_text
 
@@ -84,12 +85,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(path: str | None, device: str, untrained: bool = False):
+def _load_model(path: str | None, device: str, untrained: bool = False, args: argparse.Namespace | None = None):
     """Model + tokenizer through `simplified_slm.models.load` (or the newest run's best checkpoint).
 
     Only with `untrained` (`slm generate --untrained`, which the repo-root `generate.py` passes
     so it runs on a fresh clone) and no trained model anywhere is a freshly initialised
     byte-level SimplifiedSLM small model used, with a warning; otherwise no model is an error.
+    `args.quantize` / `args.group_size` (`--quantize`) quantize on load.
     """
     from simplified_slm.models import load
     from simplified_slm.models.loading import resolve_device
@@ -106,11 +108,14 @@ def _load_model(path: str | None, device: str, untrained: bool = False):
             print("warning: no trained model under runs/ and no --model_path; sampling from an untrained "
                   "SimplifiedSLMConfig.small() model (train one with `make demo`)", file=sys.stderr)
             model = SimplifiedSLMForCausalLM(SimplifiedSLMConfig.small()).to(resolve_device(device)).eval()
+            if getattr(args, "quantize", None) not in (None, "none"):
+                model.quantize(args.quantize, args.group_size)
             return model, ByteTokenizer()
         else:
             raise SLMError("no trained model found under runs/; pass --model_path, train one (make demo), "
                            "or pass --untrained to sample from an untrained model")
-    model, tokenizer, _ = load(path, device)  # resolves "auto" itself
+    quantize = getattr(args, "quantize", None)
+    model, tokenizer, _ = load(path, device, quantize, getattr(args, "group_size", 32))  # resolves "auto" itself
     return model, tokenizer
 
 
@@ -121,7 +126,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     json_out = check_output_file(args.json, "--json") if args.json else None
     if args.block_size is not None and args.block_size < 1:
         raise SLMError(f"--block_size must be at least 1, got {args.block_size}")
-    model, tokenizer = _load_model(args.checkpoint, args.device)
+    model, tokenizer = _load_model(args.checkpoint, args.device, args=args)
     block = args.block_size or model.max_context or 256
     if model.max_context is not None and block > model.max_context:
         print(f"note: --block_size {block} is longer than the model's context; evaluating with "
@@ -166,7 +171,11 @@ def cmd_harness(args: argparse.Namespace) -> int:
     from simplified_slm.evaluation.harness import evaluate, harness_model, results_json
 
     out = check_output_file(args.output_path, "--output_path") if args.output_path else None
-    lm = harness_model(args.model_path, batch_size=args.batch_size, device=args.device, max_length=args.max_length)
+    if args.quantize:  # loaded here, quantized; the adapter takes the model as it is
+        model, tokenizer = _load_model(args.model_path, args.device, args=args)
+        lm = harness_model(model=model, tokenizer=tokenizer, batch_size=args.batch_size, max_length=args.max_length)
+    else:
+        lm = harness_model(args.model_path, batch_size=args.batch_size, device=args.device, max_length=args.max_length)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     results = evaluate(lm, tasks, include_path=args.include_path, limit=args.limit, num_fewshot=args.num_fewshot,
                        bootstrap_iters=args.bootstrap_iters)
@@ -183,7 +192,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from simplified_slm.cli.generate_cmd import check_generate_args, run_generate
 
     check_generate_args(args)
-    model, tokenizer = _load_model(args.model_path, args.device, untrained=args.untrained)
+    model, tokenizer = _load_model(args.model_path, args.device, untrained=args.untrained, args=args)
     return run_generate(model, tokenizer, args)
 
 
@@ -233,7 +242,9 @@ def _export(fmt: str, model, tokenizer, directory: Path) -> dict:
 
 def cmd_export(args: argparse.Namespace) -> int:
     out = check_output_dir(args.out, "--out", args.overwrite)
-    model, tokenizer = _load_model(args.checkpoint, "cpu")
+    # the other formats convert float weights; a safetensors folder keeps a GGUF's quantization
+    model, tokenizer = _load_model(args.checkpoint, "cpu", args=argparse.Namespace(
+        quantize=None if args.format == "safetensors" else "none"))
     if args.format == "hf":
         from simplified_slm.export.hf_tokenizer import transformers_can_load
 
@@ -282,7 +293,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name in ("port", "max_batch", "max_queue", "max_body_bytes"):
         if getattr(args, name) < (0 if name == "port" else 1):
             raise SLMError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    model, tokenizer = _load_model(args.model_path, args.device)
+    model, tokenizer = _load_model(args.model_path, args.device, args=args)
     config = ServerConfig(model_name=args.model_name or model_name(args.model_path), max_batch=args.max_batch,
                           max_queue=args.max_queue, api_key=args.api_key, request_timeout_s=args.request_timeout,
                           max_body_bytes=args.max_body_bytes)
@@ -346,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the report here")
     p.add_argument("--device", default="auto")
+    add_quantize_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("harness", help="standard benchmarks through lm-evaluation-harness (docs/BENCHMARKS.md)")
@@ -360,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap_iters", type=int, default=1000, help="resamples for perplexity standard errors")
     p.add_argument("--output_path", help="write lm-eval's full result JSON here")
     p.add_argument("--device", default="auto")
+    add_quantize_args(p)
     p.set_defaults(func=cmd_harness)
 
     p = sub.add_parser("generate", help="generate text from a trained model")
@@ -410,11 +423,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-period", "--grace_period", dest="grace_period", type=float, default=10.0,
                    help="seconds running requests may finish after SIGTERM")
     p.add_argument("--device", default="auto")
+    add_quantize_args(p)
     p.set_defaults(func=cmd_serve)
 
     from simplified_slm.cli.distill_cmd import add_distill_parser
 
     add_distill_parser(sub)
+    add_quantize_command(sub)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)
@@ -451,6 +466,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output_file", "--output-file", help="write here instead of stdout; a .jsonl output of a "
                    "prompt file is resumable (a rerun answers only the prompts not in it yet)")
     p.add_argument("--device", default="auto")
+    add_quantize_args(p, kv_cache=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

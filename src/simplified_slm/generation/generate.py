@@ -16,6 +16,7 @@ import torch
 
 from simplified_slm.errors import SLMError
 from simplified_slm.generation.sampling import choose_next
+from simplified_slm.layers.kv_cache import KVCache, resolve_kv_cache_dtype
 
 # one compiled decode step per model, reused by every generate call (compiling costs
 # about a minute on a 2-core CPU); weak keys so a dropped model frees its graph
@@ -67,6 +68,7 @@ def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int | None = N
              repetition_penalty: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
              pad_token_id: int | None = None, attention_mask: torch.Tensor | None = None,
              seed: int | None = None, use_cache: bool = True, compile: bool = False,
+             kv_cache_dtype: str | torch.dtype | None = None,
              on_token: Callable[[torch.Tensor], None] | None = None,
              stop_when: Callable[[torch.Tensor], bool] | None = None,
              max_length: int | None = None, do_sample: bool | None = None) -> torch.Tensor:
@@ -87,7 +89,9 @@ def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int | None = N
     the one-token decode steps through `torch.compile`; the prompt runs eagerly, which also
     refreshes the weight caches the compiled step reads (BitLinear's codes and stacks). The
     first call pays the compilation; benchmarks/bench_decode_smollm2.py and
-    bench_bitnet_inference.py show whether it pays.
+    bench_bitnet_inference.py show whether it pays. `kv_cache_dtype` ("bf16", "fp16",
+    "fp32" or a dtype) stores a transformer's keys and values in that dtype (bf16 halves
+    the cache of long contexts; attention still computes in the model's dtype).
     """
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
@@ -118,6 +122,11 @@ def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int | None = N
         mask_buf[:, :prompt_len] = attention_mask
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     cache = model.make_cache(batch, total if limit is None else min(total, limit)) if use_cache else None
+    if kv_cache_dtype is not None and cache is not None:
+        if not isinstance(cache, KVCache):
+            raise SLMError(f"kv_cache_dtype applies to transformer KV caches; the {model.config.family} "
+                           f"model's {type(cache).__name__} has none, drop the option")
+        cache.to_dtype(resolve_kv_cache_dtype(kv_cache_dtype))
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     fill = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else None)
     stop = None if eos_ids is None else torch.tensor(eos_ids, device=device)

@@ -9,6 +9,11 @@ its cache is a ring buffer of min(W, max_length) slots: slot `p % W` holds posit
 memory stays bounded however long generation runs. Keys carry their rotary position
 already, so the order of slots does not matter to attention; only the mask has to know
 which position each slot holds (`key_positions`).
+
+The storage dtype may be narrower than the model's (`to_dtype(torch.bfloat16)`, what
+`generate(kv_cache_dtype="bf16")` asks for): a bf16 cache halves the memory of long
+contexts; keys and values are rounded once when stored and handed back to attention in the
+dtype of the new keys, so the model computes as before.
 """
 
 from __future__ import annotations
@@ -18,6 +23,21 @@ from typing import Sequence
 import torch
 
 from simplified_slm.errors import SLMError
+
+# names `generate(kv_cache_dtype=...)` and `--kv-cache-dtype` accept
+KV_CACHE_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                   "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_kv_cache_dtype(name: str | torch.dtype) -> torch.dtype:
+    """The storage dtype for a KV cache from its name (`bf16`, `fp16`, `fp32`) or a dtype."""
+    if isinstance(name, torch.dtype):
+        if name not in KV_CACHE_DTYPES.values():
+            raise SLMError(f"KV cache dtype {name} is not supported; use one of bf16, fp16, fp32")
+        return name
+    if name not in KV_CACHE_DTYPES:
+        raise SLMError(f"unknown KV cache dtype {name!r}; use one of bf16, fp16, fp32")
+    return KV_CACHE_DTYPES[name]
 
 
 class KVCache:
@@ -54,22 +74,37 @@ class KVCache:
         if end <= capacity:
             keys[:, :, start:end] = k
             values[:, :, start:end] = v
-            return keys[:, :, :end], values[:, :, :end]
+            return self._as(keys[:, :, :end], k), self._as(values[:, :, :end], v)
         if k.shape[2] == 1:
             # the slot overwritten holds position start - capacity, just outside the window
             # (a slice, not an integer index: torch.compile would specialise on each slot)
             slot = start % capacity
             keys[:, :, slot:slot + 1] = k
             values[:, :, slot:slot + 1] = v
-            return keys, values
+            return self._as(keys, k), self._as(values, v)
         filled = min(start, capacity)
-        seen_k = torch.cat([keys[:, :, :filled], k], dim=2)
-        seen_v = torch.cat([values[:, :, :filled], v], dim=2)
+        seen_k = torch.cat([self._as(keys[:, :, :filled], k), k], dim=2)
+        seen_v = torch.cat([self._as(values[:, :, :filled], v), v], dim=2)
         keep = min(k.shape[2], capacity)
         slots = torch.arange(end - keep, end, device=keys.device) % capacity
         keys.index_copy_(2, slots, k[:, :, -keep:])
         values.index_copy_(2, slots, v[:, :, -keep:])
         return seen_k, seen_v
+
+    @staticmethod
+    def _as(stored: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """Stored keys/values in the dtype attention computes in (that of the new ones)."""
+        return stored if stored.dtype == new.dtype else stored.to(new.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.keys[0].dtype if self.keys else torch.float32
+
+    def to_dtype(self, dtype: torch.dtype) -> "KVCache":
+        """Store keys and values as `dtype` from now on (those already stored are converted)."""
+        self.keys = [k.to(dtype) for k in self.keys]
+        self.values = [v.to(dtype) for v in self.values]
+        return self
 
     def key_positions(self, layer: int, q_len: int) -> torch.Tensor | None:
         """Position of each key `update(layer, ...)` will return for `q_len` new tokens.

@@ -3,6 +3,8 @@
 `CausalLM.forward(input_ids, attention_mask, labels, cache, use_cache)` returns a
 `CausalLMOutput`; `generate` is shared; `save_pretrained`/`from_pretrained` write and read
 `config.json` + `model.safetensors` so a saved model reloads bit-exactly as the right family.
+`quantize` swaps in weight-only quantized linears; a quantized model saves its packed
+buffers plus `quantization.json` and reloads quantized (models/quantization.py).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +94,23 @@ class CausalLM(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype activations (and so KV caches) run in: that of the float parameters,
+        which quantized models keep for their norms."""
+        return next(p.dtype for p in self.parameters() if p.is_floating_point())
+
+    def quantize(self, scheme: str, group_size: int = 32, skip: Sequence[str] = ()) -> "CausalLM":
+        """Weight-only quantization in place (inference only): every float linear and embedding
+        (a tied pair keeps one packed copy; BitLinear keeps its ternary codes) becomes
+        `scheme`: `int8` (= q8_0), `int4` (= q4_1), q8_0, q4_0, q4_1 with `group_size` 32 / 64
+        / 128 weights per scale, or bf16 / fp16. `skip`: fnmatch patterns of module names to
+        keep float (e.g. "lm_head"). Returns the model."""
+        from simplified_slm.models.quantization import quantize_in_place
+
+        quantize_in_place(self, scheme, group_size, skip)
+        return self
+
     def init_weights(self) -> None:
         """Give every parameter its initial value; each family's docstring has its table.
 
@@ -142,9 +161,16 @@ class CausalLM(nn.Module):
         return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
 
     def save_pretrained(self, directory: str | Path, tokenizer: Any = None) -> None:
+        from simplified_slm.models.quantization import QUANTIZATION_FILE, quantization_record, summary
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write_json(directory / CONFIG_FILE, self.config.to_dict())
+        record = quantization_record(self)
+        if record:  # written before the weights: packed weights never sit beside a float record
+            atomic_write_json(directory / QUANTIZATION_FILE, {"summary": summary(record), "modules": record})
+        else:
+            (directory / QUANTIZATION_FILE).unlink(missing_ok=True)
         state = _unique_state(self)
         atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={
             "format": "pt", "family": self.config.family}))
@@ -173,6 +199,10 @@ class CausalLM(nn.Module):
         if cls is not CausalLM and not issubclass(klass, cls):
             raise SLMError(f"{directory} holds a '{config.family}' model, not a {cls.__name__}; "
                            f"load it with CausalLM.from_pretrained or the matching class")
+        from simplified_slm.models.quantization import QUANTIZATION_FILE
+
+        if (directory / QUANTIZATION_FILE).is_file():
+            return _load_quantized(directory, config, weights_path, map_location)
         model = klass(config)
         model.load_weights(weights_path, map_location)
         return model
@@ -196,6 +226,27 @@ class CausalLM(nn.Module):
                 raise SLMError(f"weights {weights_path}: '{key}' has shape {tuple(tensor.shape)} but the model "
                                f"expects {tuple(own[key].shape)}; config.json and weights disagree")
         self.load_state_dict(state, strict=False)
+
+
+def _load_quantized(directory: Path, config: ModelConfig, weights_path: Path,
+                    map_location: str | torch.device) -> "CausalLM":
+    """A saved quantized model: its modules rebuilt empty on the meta device as
+    quantization.json says, then the packed tensors put in place (no float copy exists)."""
+    from simplified_slm.models.quantization import QUANTIZATION_FILE, build_skeleton, load_packed_state
+
+    path = directory / QUANTIZATION_FILE
+    try:
+        record = json.loads(path.read_text())["modules"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SLMError(f"{path} is unreadable ({type(err).__name__}); the quantized model folder is damaged") from None
+    model = build_skeleton(config, record)
+    try:
+        state = load_file(str(weights_path), device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise SLMError(f"cannot read weights {weights_path}: {str(err).splitlines()[0]}; "
+                       "the file is truncated or corrupt") from None
+    load_packed_state(model, state, str(weights_path))
+    return model
 
 
 def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -126,7 +126,7 @@ class BitNetForCausalLM(LlamaForCausalLM):
         if cfg.attention != "mla":
             return super().make_cache(batch_size, max_length)
         return MLACache(cfg.num_hidden_layers, batch_size, cfg.mla_dims(), max_length,
-                        self.embed_tokens.weight.dtype, self.device)
+                        self.compute_dtype, self.device)
 
 
 def cache_bytes_per_token(config: BitNetConfig, dtype: torch.dtype = torch.float32) -> int:

@@ -133,7 +133,7 @@ class GPTForCausalLM(CausalLM):
     def make_cache(self, batch_size: int, max_length: int) -> KVCache:
         cfg = self.config
         return KVCache(cfg.n_layers, batch_size, cfg.n_heads, cfg.d_model // cfg.n_heads,
-                       min(max_length, cfg.context_length), self.embed_tokens.weight.dtype, self.device)
+                       min(max_length, cfg.context_length), self.compute_dtype, self.device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, cache: KVCache | None = None,

@@ -213,7 +213,7 @@ class LlamaForCausalLM(CausalLM):
         """Windowed layers get a ring buffer of their window, full layers `max_length` slots."""
         cfg = self.config
         return KVCache(cfg.num_hidden_layers, batch_size, cfg.kv_heads, cfg.dim_per_head, max_length,
-                       self.embed_tokens.weight.dtype, self.device, windows=cfg.layer_windows)
+                       self.compute_dtype, self.device, windows=cfg.layer_windows)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, cache: KVCache | None = None,

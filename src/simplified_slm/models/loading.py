@@ -13,6 +13,15 @@ recognised, verified and paired with its tokenizer the same way:
 - a `.gguf` file (Llama), its tokenizer read from the file by transformers;
 - a file inside a model folder (e.g. its model.safetensors) stands for the folder.
 
+Quantization (`quantize=`, the CLI's `--quantize`): by default a model loads as stored: a
+GGUF keeps its Q8_0 / Q4_0 / Q4_1 tensors packed (read by `export/gguf.py`), a quantized
+folder (`quantization.json`) stays quantized, everything else is float32. `"none"` asks
+for float32 (what training and float parity checks need: a GGUF is then dequantized by
+gguf, a quantized folder's packed weights are expanded). A scheme (`int8`, `int4`, `q4_1`,
+`bf16`, ...) quantizes on load: our folders and GGUF files tensor by tensor from the file
+(`models/quantization.build_model`, never holding the float model), other formats after
+loading them in float. A quantized folder is not requantized to another scheme.
+
 The tokenizer is checked before any weight is read: against the identity the folder
 recorded when it was saved (`tokenizers/identity.py`; folders from before that record
 still load) and, after loading, against the model's vocab size. The result is in eval mode
@@ -34,6 +43,10 @@ import torch
 
 from simplified_slm.errors import SLMError
 from simplified_slm.models.base import CONFIG_FILE, WEIGHTS_FILE, CausalLM
+from simplified_slm.models.quantization import (QUANTIZATION_FILE, SafetensorsWeights, build_model,
+                                                dequantize_in_place, meta_model, quantization_record,
+                                                resolve_scheme, summary, uniform_plan)
+from simplified_slm.ops.quant import FLOAT_SCHEMES
 from simplified_slm.tokenizers import Tokenizer, load_tokenizer
 from simplified_slm.tokenizers.base import SLM_TOKENIZER_CONFIG, TOKENIZER_CONFIG
 from simplified_slm.tokenizers.bpe import TOKENIZER_FILE
@@ -92,27 +105,29 @@ class ModelSource:
         check_tokenizer_record(self.path, tokenizer)
         return tokenizer
 
-    def model(self, tokenizer: Tokenizer, device: torch.device | str = "cpu") -> CausalLM:
+    def model(self, tokenizer: Tokenizer, device: torch.device | str = "cpu", quantize: str | None = None,
+              group_size: int = 32) -> CausalLM:
         """The weights on `device`, in eval mode with gradients off; refuses a tokenizer with
-        more ids than the model's vocab."""
+        more ids than the model's vocab. `quantize`: see the module docstring."""
+        scheme = None if quantize is None else resolve_scheme(quantize)
         if self.kind == "gguf":
-            from simplified_slm.export.hf import import_gguf_llama
+            from simplified_slm.export.gguf import load_gguf
 
-            model: CausalLM = import_gguf_llama(self.path)
+            model: CausalLM = load_gguf(self.path, quantize, group_size)
         elif self.kind == "transformers":
             from simplified_slm.export.hf import import_hf
 
-            model = import_hf(self.path)
+            model = _quantized(import_hf(self.path), scheme, group_size)
         elif self.kind == "packed":
             from simplified_slm.export.ternary import load_packed
 
-            model = load_packed(self.path)
+            model = _quantized(load_packed(self.path), scheme, group_size)
         elif (self.path / "adapter_config.json").is_file():  # a LoRA run: its base + the adapter
             from simplified_slm.training.lora import load_adapted
 
-            model = load_adapted(self.path)
+            model = _quantized(load_adapted(self.path), scheme, group_size)
         else:
-            model = CausalLM.from_pretrained(self.path)
+            model = self._folder_model(quantize, scheme, group_size)
         if tokenizer.vocab_size > model.config.vocab_size:
             raise SLMError(f"the tokenizer of {self.path} has {tokenizer.vocab_size} ids but the model only "
                            f"{model.config.vocab_size}; they do not belong together")
@@ -120,6 +135,28 @@ class ModelSource:
         for param in model.parameters():  # inference only; no process-wide autograd switch
             param.requires_grad_(False)
         return model
+
+    def _folder_model(self, quantize: str | None, scheme: str | None, group_size: int) -> CausalLM:
+        """Our folder (or checkpoint), as stored or quantized tensor by tensor from its file."""
+        stored = self.path / QUANTIZATION_FILE
+        if stored.is_file():
+            model = CausalLM.from_pretrained(self.path)
+            if quantize is None:
+                return model
+            if scheme is None:
+                return dequantize_in_place(model)
+            have = summary(quantization_record(model))
+            if have != summary({"": {"scheme": scheme, "group_size": 0 if scheme in FLOAT_SCHEMES else group_size}}):
+                raise SLMError(f"{self.path} is stored quantized as {have}; it is not requantized to {quantize} "
+                               f"(that loses accuracy twice): load it without --quantize, or quantize its float "
+                               "original")
+            return model
+        if scheme is None:
+            return CausalLM.from_pretrained(self.path)
+        config = _folder_config(self.path)
+        source = SafetensorsWeights(self.path / WEIGHTS_FILE)
+        plan = uniform_plan(meta_model(config), scheme, group_size)
+        return build_model(config, source, plan, str(self.path / WEIGHTS_FILE))
 
     def weight_files(self) -> list[Path]:
         """The files the weights come from (what a cache of the model's outputs is keyed by)."""
@@ -138,13 +175,34 @@ class LoadedModel(NamedTuple):
     source: ModelSource
 
 
-def load(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+def load(path: str | Path, device: torch.device | str = "cpu", quantize: str | None = None,
+         group_size: int = 32) -> LoadedModel:
     """Model + tokenizer from any format in the module docstring, ready for inference on
-    `device` (`auto`: CUDA where there is a GPU)."""
+    `device` (`auto`: CUDA where there is a GPU). `quantize`: None loads as stored (a GGUF
+    stays quantized), "none" in float32, a scheme quantizes on load (`int8`, `int4`, ...)."""
     device = resolve_device(device)
+    if quantize is not None:
+        resolve_scheme(quantize)  # a bad name fails before anything is read
     source = ModelSource.open(path)
     tokenizer = source.tokenizer()
-    return LoadedModel(source.model(tokenizer, device), tokenizer, source)
+    return LoadedModel(source.model(tokenizer, device, quantize, group_size), tokenizer, source)
+
+
+def _quantized(model: CausalLM, scheme: str | None, group_size: int) -> CausalLM:
+    """A model loaded in float, quantized when a scheme was asked for."""
+    return model if scheme is None else model.quantize(scheme, group_size)
+
+
+def _folder_config(path: Path):
+    """The config of our model folder (read again by `from_pretrained` on the plain path)."""
+    from simplified_slm.models.registry import config_from_dict
+
+    config_path = path / CONFIG_FILE
+    try:
+        raw = json.loads(config_path.read_text())
+    except (OSError, ValueError) as err:
+        raise SLMError(f"cannot read {config_path} ({type(err).__name__}); the model folder is damaged") from None
+    return config_from_dict(raw, where=str(config_path))
 
 
 def resolve_device(name: str | torch.device) -> torch.device:

@@ -47,7 +47,7 @@ def run_tokenizer(cfg: ExperimentConfig, texts: Callable[[], Iterable[str]]) -> 
 def pretrained_model(cfg: ExperimentConfig, tokenizer: Tokenizer, device: torch.device) -> CausalLM:
     """The source's weights (float, trainable, on `device`) under the run's model config."""
     path = cfg.train.init_from
-    loaded = load(path, device)  # float: what training needs (a quantized load would be refused below)
+    loaded = load(path, device, quantize="none")  # float: what training needs
     packed = [name for name, tensor in loaded.model.state_dict().items() if not tensor.is_floating_point()]
     if packed:
         raise SLMError(f"train.init_from {path} loaded with quantized or packed weights ({packed[0]}, ...), which "

@@ -236,7 +236,7 @@ def load_base_weights(model: nn.Module, base: str | Path) -> None:
     before adapters are injected (a LoRA checkpoint holds only the adapter)."""
     from simplified_slm.models.loading import load
 
-    source = load(base, "cpu").model
+    source = load(base, "cpu", quantize="none").model
     try:  # the run may lay shape-neutral fields (dropout, rope_scaling) over the base's config
         model.load_state_dict(source.state_dict())
     except RuntimeError as err:
@@ -284,5 +284,5 @@ def load_adapted(directory: str | Path, device: torch.device | str = "cpu") -> n
         model = build_model(config_from_dict(config, where=str(directory / CONFIG_FILE)))
         load_base_weights(model, base)
     else:
-        model = load(base, device).model
+        model = load(base, device, quantize="none").model
     return load_adapter(model, directory).to(device)
