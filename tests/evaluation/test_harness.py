@@ -88,15 +88,25 @@ def test_every_family_runs_the_local_tasks(family):
     assert ppl["bits_per_byte,none"] == pytest.approx(math.log2(ppl["byte_perplexity,none"]))
 
 
-def test_loglikelihood_batches_equal_solo_requests():
-    """Length-sorted left-padded batches give each request its batch-of-one score."""
-    lm = harness_model(model=family_model("hgrn_bit"), tokenizer=ByteTokenizer(), batch_size=3)
-    solo = harness_model(model=lm.model, tokenizer=ByteTokenizer(), batch_size=1)
-    pairs = [("once upon a time", " there was a cat."), ("the dog", " ran."), ("a", " b c d e f g h")]
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_loglikelihood_batches_equal_solo_requests(family):
+    """Right-padded unmasked batches give each request its batch-of-one score in every
+    family (all are causal), shared inputs run once, and scores are the model's own
+    full-sequence log-softmax at the continuation positions."""
+    model = family_model(family)
+    lm = harness_model(model=model, tokenizer=ByteTokenizer(), batch_size=3)
+    solo = harness_model(model=model, tokenizer=ByteTokenizer(), batch_size=1)
+    pairs = [("once upon a time", " there was a cat."), ("the dog", " ran."), ("a", " b c d e f g h"),
+             ("the dog ran", "."), ("the dog ran", "!")]  # the last two share their input
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
     batched, alone = lm.loglikelihood(requests, disable_tqdm=True), solo.loglikelihood(requests, disable_tqdm=True)
     for (a, greedy_a), (b, greedy_b) in zip(batched, alone):
         assert a == pytest.approx(b, abs=1e-4) and greedy_a == greedy_b
+    context, continuation = (ByteTokenizer().encode_ids(text) for text in pairs[0])
+    with torch.no_grad():
+        logprobs = model(torch.tensor([context + continuation[:-1]])).logits.float().log_softmax(-1)[0]
+    reference = logprobs[-len(continuation):].gather(1, torch.tensor(continuation)[:, None]).sum()
+    assert batched[0][0] == pytest.approx(float(reference), abs=1e-4)
 
 
 def test_generate_until_stops_at_the_stop_string_and_the_length_limit():

@@ -2,17 +2,18 @@
 
 lm-eval's `TemplateLM` supplies the context/continuation split (`_encode_pair`: encode the
 whole text, cut at the context's token count, as its `hf` model does), so per-request
-scores match the harness's `hf` model on the same weights. What is ours: batches sorted by
-length (lm-eval's `Collator`) and left-padded, so each row's continuation sits at the right
-edge and the attention mask keeps every row equal to its solo run in every family;
-rolling windows from lm-eval's own utilities; generation with the model's cached `generate`
+scores match the harness's `hf` model on the same weights. What is ours: scoring batches
+sorted by length (lm-eval's `Collator`) and right-padded without a mask (exact for causal
+models, recurrent ones included), with only the continuation positions through the output
+head; rolling windows from lm-eval's own utilities; generation with the model's cached `generate`
 and stop strings checked after each token. This module imports lm_eval at the top: reach it
 through `simplified_slm.evaluation.harness`, which says how to install it when missing.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,47 @@ DEFAULT_MAX_GEN_TOKS = 256
 def model_max_length(model: CausalLM) -> int:
     """The model's context, else the length it was trained for, else DEFAULT_MAX_LENGTH."""
     return model.max_context or getattr(model.config, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH
+
+
+def right_pad(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Token rows right-padded (with 0) to the longest, as lm-eval's `hf` model batches them."""
+    ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+    return ids.to(device)
+
+
+def continuation_index(lengths: list[int], spans: list[int], device: torch.device) -> torch.Tensor:
+    """(rows, max span) positions whose logits score each row's continuation.
+
+    Row i's continuation is predicted by its last `spans[i]` positions before
+    `lengths[i]`; they are right-aligned so `[-span:]` picks them, and shorter spans repeat
+    their first position on the left (computed, never read).
+    """
+    width = max(spans)
+    offsets = torch.arange(width) - width
+    index = torch.stack([(length + offsets).clamp(min=length - span) for length, span in zip(lengths, spans)])
+    return index.to(device)
+
+
+@contextmanager
+def scored_positions(model: CausalLM, index: torch.Tensor) -> Iterator[None]:
+    """Within the block, `model`'s output head sees only the hidden states at `index`.
+
+    Scoring needs the logits of the continuation positions only, and the head (49152 x 576
+    for SmolLM2) costs a fifth of the model per position: picking the rows before it skips
+    that work for every context position. Every family ends in `lm_head` applied position by
+    position (BitLinear's activation scale is per token too), so a pre-hook on it is enough.
+    """
+    def pick(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        hidden = args[0]
+        return (hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1])),)
+
+    handle = model.lm_head.register_forward_pre_hook(pick)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @register_model("slm")
@@ -99,34 +141,46 @@ class SLMHarnessLM(TemplateLM):
         return left_pad(rows, self.eot_token_id, self.device)
 
     # --- scoring ---------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()
     def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]],
                               disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        """(sum of continuation log-probs, continuation is the greedy choice) per request."""
+        """(sum of continuation log-probs, continuation is the greedy choice) per request.
+
+        Batches are right-padded without a mask: every family is causal, so padding after a
+        row's last token cannot change its scores, and attention keeps its unmasked causal
+        kernel. Only the continuation positions reach the output head and the log-softmax
+        (`scored_positions`). Requests whose input (context + continuation minus its last
+        token) is the same run once (lm-eval's `Collator` "contexts" grouping, as its `hf`
+        model does for one-token multiple-choice answers).
+        """
         longest = max((len(cont) for _, _, cont in requests), default=0)
         if longest > self.max_length:
             raise SLMError(f"a continuation has {longest} tokens but the model sees at most {self.max_length}; "
                            "evaluate this task with a longer-context model (or a coarser tokenizer)")
-        order = Collator(requests, sort_fn=lambda r: (-len(r[1]) - len(r[2]), tuple(r[1] + r[2])))
+        order = Collator(requests, sort_fn=lambda r: (-len(r[1]) - len(r[2]), tuple(r[1] + r[2])),
+                         group_by="contexts", group_fn=lambda r: r[-2] + r[-1][:-1])
         results = []
         progress = tqdm(total=len(requests), disable=disable_tqdm, desc="slm loglikelihood")
         for chunk in order.get_batched(n=self._batch_size):
             # the last token is only predicted; cut from the left beyond the context
             rows = [(ctx + cont)[-(self.max_length + 1):][:-1] for _, ctx, cont in chunk]
-            ids, mask = self._left_padded(rows)
-            logits = self.model(ids, attention_mask=mask).logits
-            # continuations end at the right edge: normalise only the positions that score them
-            span = max(len(cont) for _, _, cont in chunk)
-            logprobs = F.log_softmax(logits[:, -span:].float(), dim=-1)
-            for (request, _, cont), row_logprobs in zip(chunk, logprobs):
-                target = torch.tensor(cont, dtype=torch.long, device=self.device)
-                picked = row_logprobs[-len(cont):]
-                answer = (float(picked.gather(1, target[:, None]).sum()),
-                          bool((picked.argmax(-1) == target).all()))
-                results.append(answer)
-                if request is not None:
-                    self.cache_hook.add_partial("loglikelihood", request, answer)
-                progress.update(1)
+            spans = [len(cont) for _, _, cont in chunk]
+            ids = right_pad(rows, self.device)
+            index = continuation_index([len(r) for r in rows], spans, self.device)
+            with scored_positions(self.model, index):
+                logprobs = F.log_softmax(self.model(ids).logits.float(), dim=-1)
+            for (request, ctx, cont), row_logprobs in zip(chunk, logprobs):
+                # requests sharing this input differ in their last token only
+                for request, cont, shared in order.get_cache(req_str=request, cxt_toks=ctx, cont_toks=cont,
+                                                             logits=row_logprobs[None]):
+                    target = torch.tensor(cont, dtype=torch.long, device=self.device)
+                    picked = shared[0, -len(cont):]
+                    answer = (float(picked.gather(1, target[:, None]).sum()),
+                              bool((picked.argmax(-1) == target).all()))
+                    results.append(answer)
+                    if request is not None:
+                        self.cache_hook.add_partial("loglikelihood", request, answer)
+                    progress.update(1)
         progress.close()
         return order.get_original(results)
 
