@@ -168,8 +168,10 @@ class SLMHarnessLM(TemplateLM):
             ids = right_pad(rows, self.device)
             index = continuation_index([len(r) for r in rows], spans, self.device)
             with scored_positions(self.model, index):
-                logprobs = F.log_softmax(self.model(ids).logits.float(), dim=-1)
-            for (request, ctx, cont), row_logprobs in zip(chunk, logprobs):
+                logits = self.model(ids).logits
+            for (request, ctx, cont), row_logits in zip(chunk, logits):
+                # float64: a whole story's sum of ~500 log-probs exceeds 1024, where float32 steps by 1.2e-4
+                row_logprobs = F.log_softmax(row_logits.double(), dim=-1)
                 # requests sharing this input differ in their last token only
                 for request, cont, shared in order.get_cache(req_str=request, cxt_toks=ctx, cont_toks=cont,
                                                              logits=row_logprobs[None]):
