@@ -20,7 +20,9 @@ from hypothesis import strategies as st
 
 from conftest import REPO, tiny_experiment
 from simplified_slm.cli.main import main
-from simplified_slm.serving.text import ChatFormat, TextStream
+from simplified_slm.serving.text import TextStream
+from simplified_slm.tokenizers import BPETokenizer, load_tokenizer
+from simplified_slm.tokenizers.chat_template import ChatTemplate
 
 KEY = "test-key"
 MAX_BATCH = 4
@@ -367,11 +369,12 @@ def test_text_stream_holds_back_partial_stops_and_characters():
 
 
 def test_chat_format_uses_the_model_template(tmp_path):
-    assert ChatFormat(None).render([{"role": "user", "content": "Hi"}]) == "User: Hi\nAssistant:"
+    assert ChatTemplate().render([{"role": "user", "content": "Hi"}]) == "User: Hi\nAssistant:"
+    BPETokenizer.train(["Hi there"], vocab_size=260, special_tokens=("</s>",)).save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({
-        "eos_token": {"content": "</s>"},
-        "chat_template": "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}"
-                         "{% if add_generation_prompt %}<|assistant|>{% endif %}"}))
-    chat = ChatFormat(tmp_path)
+        **config, "chat_template": "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}"
+                                   "{% if add_generation_prompt %}<|assistant|>{% endif %}"}))
+    chat = ChatTemplate.for_tokenizer(load_tokenizer(tmp_path))  # the template travels with the tokenizer
     assert chat.render([{"role": "user", "content": "Hi"}]) == "<|user|>Hi</s><|assistant|>"
     assert chat.extra_stop == []

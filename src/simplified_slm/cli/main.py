@@ -271,7 +271,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(model_name=args.model_name or model_name(args.model_path), max_batch=args.max_batch,
                           max_queue=args.max_queue, api_key=args.api_key, request_timeout_s=args.request_timeout,
                           max_body_bytes=args.max_body_bytes)
-    serve(model, tokenizer, args.model_path, config, args.host, args.port, args.grace_period)
+    serve(model, tokenizer, config, args.host, args.port, args.grace_period)
     return 0
 
 

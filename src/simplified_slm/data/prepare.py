@@ -56,6 +56,9 @@ class DataConfig(ConfigBase):
     max_train_bytes: int | None = None  # cap on training text for quick runs; val is not capped
     append_eos: bool = True  # separate documents with the tokenizer's eos id, if it has one
     on_error: Literal["raise", "skip"] = "raise"  # "skip": leave out bad records/bytes/files, one warning per file
+    # "chat": train_file/val_file are JSONL conversations, trained with answer-only loss (data/chat.py)
+    format: Literal["text", "chat"] = "text"
+    chat_template: str | None = None  # format chat: null = the tokenizer's own, "plain" = the named default
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str | None = None) -> "DataConfig":
@@ -69,6 +72,9 @@ class DataConfig(ConfigBase):
         for name in ("dataset", "train_file", "val_file"):
             if getattr(self, name) == "":
                 self._fail(name, "is an empty string; use null to leave it unset")
+        if self.format == "chat" and self.train_file is None:
+            self._fail("train_file", "format chat reads conversations from a JSONL train_file; set it (and "
+                       "optionally val_file)")
         if self.dataset is not None and self.train_file is not None:
             self._fail("train_file", f"both dataset ({self.dataset!r}) and train_file are set; "
                        "set dataset to null to train on train_file, or remove train_file")

@@ -82,6 +82,8 @@ def save_hf_tokenizer(tokenizer: Tokenizer, directory: str | Path, model_max_len
         token_id = getattr(tokenizer, f"{role}_token_id")
         if token_id is not None:
             config[f"{role}_token"] = hf.id_to_token(token_id)
+    if tokenizer.chat_template:
+        config["chat_template"] = tokenizer.chat_template
     atomic_write_json(directory / TOKENIZER_CONFIG, config)
     return True
 

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException
 from simplified_slm.errors import SLMError
 from simplified_slm.serving.protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields
 from simplified_slm.serving.scheduler import Job, Sampling, Scheduler
-from simplified_slm.serving.text import ChatFormat
+from simplified_slm.tokenizers.chat_template import ChatTemplate
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 512       # chat: up to the context, capped here
@@ -103,7 +103,7 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
-def create_app(model: Any, tokenizer: Any, config: ServerConfig, chat: ChatFormat) -> FastAPI:
+def create_app(model: Any, tokenizer: Any, config: ServerConfig, chat: ChatTemplate) -> FastAPI:
     scheduler = Scheduler(model, tokenizer, max_batch=config.max_batch, max_queue=config.max_queue)
     context = context_tokens(model)
     created = int(time.time())

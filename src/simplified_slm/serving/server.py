@@ -17,7 +17,7 @@ from typing import Any
 import uvicorn
 
 from simplified_slm.serving.app import ServerConfig, create_app
-from simplified_slm.serving.text import ChatFormat
+from simplified_slm.tokenizers.chat_template import ChatTemplate
 
 
 def model_name(path: str | Path) -> str:
@@ -42,9 +42,8 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def serve(model: Any, tokenizer: Any, model_dir: str | Path, config: ServerConfig, host: str, port: int,
-          grace_s: float) -> None:
-    chat = ChatFormat(model_dir)
+def serve(model: Any, tokenizer: Any, config: ServerConfig, host: str, port: int, grace_s: float) -> None:
+    chat = ChatTemplate.for_tokenizer(tokenizer)
     app = create_app(model, tokenizer, config, chat)
     server = _Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=grace_s,
                                     log_level="info", access_log=False), app)

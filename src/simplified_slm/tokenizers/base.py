@@ -52,6 +52,9 @@ class Tokenizer(ABC):
     unk_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    # jinja chat template (transformers' `chat_template`) the tokenizer came with, kept on
+    # save; None: none (see tokenizers/chat_template.py)
+    chat_template: str | None = None
 
     @property
     @abstractmethod
@@ -131,6 +134,8 @@ class Tokenizer(ABC):
         directory.mkdir(parents=True, exist_ok=True)
         extra = self._save_files(directory)
         config = {"kind": self.kind, "vocab_size": self.vocab_size, **self.special_ids(), **extra}
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
         (directory / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
     def spec(self) -> dict[str, Any]:

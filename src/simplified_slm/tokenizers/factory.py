@@ -16,6 +16,7 @@ from simplified_slm.tokenizers.base import SLM_TOKENIZER_CONFIG, TOKENIZER_CONFI
 from simplified_slm.tokenizers.bpe import TOKENIZER_FILE, BPETokenizer, min_bpe_vocab_size
 from simplified_slm.tokenizers.byte import ByteTokenizer
 from simplified_slm.tokenizers.char import CharPolicy, CharTokenizer
+from simplified_slm.tokenizers.chat_template import read_chat_template
 from simplified_slm.utils.progress import heartbeat, texts_with_progress
 
 RUN_TOKENIZER_DIR = "tokenizer"  # where `slm train` saves the tokenizer inside a run folder
@@ -69,8 +70,17 @@ def build_tokenizer(cfg: TokenizerConfig, texts: Callable[[], Iterable[str]] | N
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a directory written by `Tokenizer.save` (a tokenizer, model or checkpoint folder),
-    a run folder (its `tokenizer/`), an HF tokenizer directory or a tokenizer.json."""
-    path = Path(path)
+    a run folder (its `tokenizer/`), an HF tokenizer directory or a tokenizer.json; the chat
+    template the folder ships comes along (`Tokenizer.chat_template`)."""
+    tokenizer = _load_tokenizer(Path(path))
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    if not (folder / TOKENIZER_CONFIG).is_file() and (folder / RUN_TOKENIZER_DIR).is_dir():
+        folder = folder / RUN_TOKENIZER_DIR
+    tokenizer.chat_template = read_chat_template(folder)
+    return tokenizer
+
+
+def _load_tokenizer(path: Path) -> Tokenizer:
     if path.is_file():
         return BPETokenizer.from_file(path)
     if not path.is_dir():

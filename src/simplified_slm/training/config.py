@@ -41,8 +41,17 @@ class PhaseConfig(ConfigBase):
     warmup_steps: int | None = None
     lr_schedule: str | None = None
     dataset: str | None = None  # built-in name or path; null: the data section's training text
+    # RoPE scaling from this phase on (a HF `rope_scaling` mapping, e.g. {"rope_type": "linear",
+    # "factor": 4}): "train short, extend long" (training/curriculum.py::apply_rope_scaling)
+    rope_scaling: dict[str, Any] | None = None
 
     def validate(self) -> None:
+        if self.rope_scaling is not None:
+            from simplified_slm.layers.rope import validate_rope_scaling
+
+            problem = validate_rope_scaling(self.rope_scaling)
+            if problem:
+                self._fail("rope_scaling", problem)
         if self.steps < 1:
             self._fail("steps", f"must be at least 1, got {self.steps}")
         if self.dataset == "":
@@ -104,6 +113,11 @@ class TrainConfig(ConfigBase):
     distillation_temperature: float = 3.0
     distillation_top_k: int | None = None  # keep the teacher's top-k logits per position; None: full vocab
     distillation_cache_dir: str | None = None  # store the teacher's top-k logits here and reuse them
+    # start from these weights (training/init_from.py): a checkpoint or model folder, a transformers
+    # folder or a .gguf file; the step and optimizer start fresh
+    init_from: str | None = None
+    # data.format chat: greedy exact-match accuracy on this many held-out examples at each eval (0: off)
+    eval_exact_match: int = 0
     # curriculum: phases run one after another; max_steps must equal the sum of their steps
     phases: list[PhaseConfig] = dataclasses.field(default_factory=list)
 
@@ -177,6 +191,10 @@ class TrainConfig(ConfigBase):
         if self.use_distillation and not self.distillation_teacher:
             self._fail("distillation_teacher", "use_distillation needs a teacher: a checkpoint or model folder, "
                        "a transformers folder or a .gguf file")
+        if self.init_from == "":
+            self._fail("init_from", "is an empty string; use null to start from random weights")
+        if self.eval_exact_match < 0:
+            self._fail("eval_exact_match", f"must be >= 0 (0: off), got {self.eval_exact_match}")
         if self.distillation_cache_dir is not None and self.distillation_top_k is None:
             self._fail("distillation_cache_dir", "the cache stores top-k logits; set distillation_top_k (e.g. 64)")
 
@@ -199,9 +217,20 @@ class ExperimentConfig(ConfigBase):
     output_dir: str = "runs/default"
     run_name: str | None = None
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str | None = None) -> "ExperimentConfig":
+        """With `train.init_from`, an absent model section means the source's config and an
+        absent tokenizer section the source's tokenizer (training/init_from.py)."""
+        train = data.get("train") if isinstance(data, dict) else None
+        if isinstance(train, dict) and train.get("init_from"):
+            data = {"model": {}, "tokenizer": {"kind": "file", "path": train["init_from"]}, **data}
+        return super().from_dict(data, where)
+
     def validate(self) -> None:
-        # parse once now so a bad model section fails at load time, not after data prep
-        self.model_config(vocab_size=self.model.get("vocab_size", 256))
+        # parse once now so a bad model section fails at load time, not after data prep; with
+        # init_from the section only adjusts the source's config, checked when it is loaded
+        if not self.train.init_from:
+            self.model_config(vocab_size=self.model.get("vocab_size", 256))
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         """The model's config with the tokenizer's vocab size filled in (or checked)."""

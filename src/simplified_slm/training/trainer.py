@@ -21,14 +21,17 @@ import torch
 from tqdm.auto import tqdm
 
 from simplified_slm import metric_names as M
-from simplified_slm.data import DataConfig, iter_eval_batches, prepare_dataset, tokenizer_texts
+from simplified_slm.data import BatchSampler, DataConfig, iter_eval_batches, prepare_dataset, tokenizer_texts
+from simplified_slm.data.chat import ChatBatchSampler, prepare_chat
 from simplified_slm.errors import SLMError
+from simplified_slm.evaluation.exact_match import chat_validation
 from simplified_slm.evaluation.metrics import evaluate_lm
 from simplified_slm.models.base import CausalLM
 from simplified_slm.models.checkpointing import checkpointed_blocks, enable_gradient_checkpointing
 from simplified_slm.models.loading import resolve_device
 from simplified_slm.models.registry import build_model
-from simplified_slm.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
+from simplified_slm.tokenizers import Tokenizer, load_tokenizer
+from simplified_slm.tokenizers.chat_template import ChatTemplate
 from simplified_slm.training.checkpoint import (
     CheckpointManager,
     load_optimizer_state,
@@ -38,7 +41,7 @@ from simplified_slm.training.checkpoint import (
     save_training_files,
 )
 from simplified_slm.training.config import ExperimentConfig
-from simplified_slm.training.curriculum import build_phases, phase_at
+from simplified_slm.training.curriculum import apply_rope_scaling, build_phases, phase_at
 from simplified_slm.training.distill import Distiller
 from simplified_slm.training.distributed import (
     gather_full_state,
@@ -47,6 +50,7 @@ from simplified_slm.training.distributed import (
     shard_model,
 )
 from simplified_slm.training.hooks import ActivationStats, build_hooks
+from simplified_slm.training.init_from import checkpoint_model_config, pretrained_model, run_tokenizer
 from simplified_slm.training.loggers import MultiLogger, build_loggers
 from simplified_slm.training.memory import check_fits_in_memory
 from simplified_slm.training.monitoring import firing_rates, ternary_stats
@@ -105,17 +109,18 @@ class Trainer:
             tokenizer = load_tokenizer(start)
             tokenizer.save(tok_dir)
         else:
-            tokenizer = build_tokenizer(self.cfg.tokenizer, tokenizer_texts(self.cfg.data))
+            tokenizer = run_tokenizer(self.cfg, tokenizer_texts(self.cfg.data))
             tokenizer.save(tok_dir)
         self.dist.barrier()
         return tokenizer
 
     def _prepare(self, data_cfg: DataConfig, tokenizer: Tokenizer, directory: Path) -> Any:
         """Rank 0 tokenizes; the other ranks then find its files and reuse them."""
+        prepare = prepare_chat if data_cfg.format == "chat" else prepare_dataset
         if self.dist.is_main:
-            data = prepare_dataset(data_cfg, tokenizer, directory)
+            data = prepare(data_cfg, tokenizer, directory)
         self.dist.barrier()
-        return data if self.dist.is_main else prepare_dataset(data_cfg, tokenizer, directory)
+        return data if self.dist.is_main else prepare(data_cfg, tokenizer, directory)
 
     def _find_resume(self, ckpts: CheckpointManager) -> Path | None:
         if self.resume is None:
@@ -161,7 +166,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ train
     def run(self) -> TrainResult:
-        if self.device.type == "cpu":  # before anything is allocated or written
+        if self.device.type == "cpu" and not self.cfg.train.init_from:  # before anything is allocated or written
             given = self.cfg.model.get("vocab_size")
             vocab = given if isinstance(given, int) else self.cfg.tokenizer.vocab_size or 256
             check_fits_in_memory(self.cfg.model_config(vocab), self.cfg.train.batch_size, self.cfg.train.block_size)
@@ -194,10 +199,14 @@ class Trainer:
         self.tokenizer = tokenizer = self._tokenizer(start)
         self.data = self._prepare(cfg.data, tokenizer, self.run_dir / "data")
         self.token_bytes = tokenizer.token_byte_lengths()
-        model_cfg = cfg.model_config(tokenizer.vocab_size)
+        model = None
+        if tcfg.init_from and start is None:  # a resumed init_from run continues from its own checkpoint
+            model = pretrained_model(cfg, tokenizer, self.device)
+        model_cfg = (model.config if model is not None else checkpoint_model_config(start) if tcfg.init_from
+                     else cfg.model_config(tokenizer.vocab_size))
         if start is not None:
             self._check_resumable(start, model_cfg)
-        model = build_model(model_cfg).to(self.device)
+        model = model if model is not None else build_model(model_cfg).to(self.device)
         self.amp = autocast_dtype(tcfg.precision, self.device)
         distiller = Distiller.from_config(tcfg, tokenizer, self.device, self.amp) if tcfg.use_distillation else None
 
@@ -205,7 +214,8 @@ class Trainer:
             data_cfg = dataclasses.replace(cfg.data, dataset=dataset, train_file=None, val_file=None)
             return self._prepare(data_cfg, tokenizer, self.run_dir / "data" / f"phase{index + 1}").train
 
-        self.phases = build_phases(cfg, self.data.train, phase_tokens, model.max_context, self.dist.world_size)
+        self.phases = build_phases(cfg, self.data.train, phase_tokens, model.max_context, self.dist.world_size,
+                                   ChatBatchSampler if cfg.data.format == "chat" else BatchSampler)
         if tcfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.forward_hooks, update_hooks, hook_names = build_hooks(cfg.hooks)
@@ -332,6 +342,8 @@ class Trainer:
         phase = phase_at(self.phases, state.step)
         if state.step == phase.start and len(self.phases) > 1:
             self.say(f"curriculum: {phase.describe()}")
+        if phase is not state.phase and phase.rope_scaling is not None:  # its start, or a resume inside it
+            apply_rope_scaling(state.model, phase.rope_scaling)
         state.phase = phase
         lr = self._learning_rate(state, phase)
         set_learning_rate(state.optimizer, lr, tcfg)
@@ -414,6 +426,10 @@ class Trainer:
     def validate(self, state: TrainState) -> dict[str, float]:
         """At the current phase's context length, on the data section's validation text."""
         pcfg = state.phase.cfg
+        if self.cfg.data.format == "chat":  # per-example answer loss (+ exact match)
+            return chat_validation(state.model, self.tokenizer, ChatTemplate.for_tokenizer(
+                self.tokenizer, self.cfg.data.chat_template), self.data.val, pcfg.block_size,
+                self.cfg.train.eval_exact_match, self.device, self.amp)
         batches = iter_eval_batches(self.data.val, pcfg.block_size, pcfg.batch_size, self.cfg.train.eval_batches)
         return evaluate_lm(state.model, batches, self.token_bytes, self.device, self.amp)
 
