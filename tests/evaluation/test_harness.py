@@ -22,6 +22,7 @@ from simplified_slm.evaluation.harness import TASKS_DIR, evaluate, harness_model
 from simplified_slm.tokenizers import BPETokenizer, ByteTokenizer  # noqa: E402
 
 lm_eval = pytest.importorskip("lm_eval")
+import lm_eval.api.model  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 
 LOCAL = ["tinystories_cloze", "tinystories_ppl"]
@@ -66,7 +67,7 @@ def run_both(ours, theirs, cloze: int, ppl: int) -> tuple[dict, dict]:
 def test_shipped_tasks_are_what_the_build_script_writes(tmp_path):
     subprocess.run([sys.executable, str(REPO / "scripts/make_harness_tasks.py"), "--out", str(tmp_path)],
                    check=True, capture_output=True)
-    for name in ("tinystories_cloze.jsonl", "tinystories_ppl.jsonl"):
+    for name in ("tinystories_cloze.jsonl", "tinystories_ppl.jsonl", "arith.jsonl"):
         assert (tmp_path / name).read_bytes() == (TASKS_DIR / name).read_bytes()
     items = [json.loads(line) for line in (TASKS_DIR / "tinystories_cloze.jsonl").read_text().splitlines()]
     assert len(items) == 200 and all(len(i["choices"]) == 4 and 0 <= i["label"] < 4 for i in items)
@@ -76,13 +77,54 @@ def test_shipped_tasks_are_what_the_build_script_writes(tmp_path):
     assert " ".join((first["context"] + " " + first["choices"][first["label"]]).split()) in " ".join(source.split())
 
 
+def test_arith_items_are_held_out_from_make_arith_task_training_split(tmp_path):
+    """The task's problems are the start of `make_arith_task.py`'s test.jsonl, none in its train.jsonl."""
+    subprocess.run([sys.executable, str(REPO / "scripts/make_arith_task.py"), "--out", str(tmp_path), "--seed", "0",
+                    "--train", "2000", "--test", "200"], check=True, capture_output=True)
+    def questions(name):
+        return [json.loads(line)["messages"][0]["content"] for line in (tmp_path / name).open()]
+    items = [json.loads(line) for line in (TASKS_DIR / "arith.jsonl").open()]
+    assert [i["question"] for i in items] == questions("test.jsonl")[:len(items)]
+    assert not {i["question"] for i in items} & set(questions("train.jsonl"))
+    assert all(i["answer"].endswith(f"The answer is {i['target']}.") for i in items)
+
+
+class AnswerSheet(lm_eval.api.model.LM):
+    """Answers each arith question with a fixed text: the worked answer, or one with its
+    final number changed; lm-eval's own filters and metric then score it."""
+
+    def __init__(self, wrong: bool) -> None:
+        super().__init__()
+        items = [json.loads(line) for line in (TASKS_DIR / "arith.jsonl").open()]
+        self.answers = {f"Question: {i['question']}\nAnswer:": (
+            i["answer"].replace(f"is {i['target']}.", f"is {int(i['target']) + 1}.") if wrong else i["answer"])
+            for i in items}
+
+    def generate_until(self, requests, disable_tqdm=False):
+        return [self.answers[req.args[0]] for req in requests]
+
+    def loglikelihood(self, requests, disable_tqdm=False):
+        raise NotImplementedError
+
+    loglikelihood_rolling = loglikelihood
+
+
+@pytest.mark.parametrize("wrong, score", [(False, 1.0), (True, 0.0)])
+def test_arith_scores_the_final_number_of_the_answer(wrong, score):
+    results = evaluate(AnswerSheet(wrong), ["arith"], limit=10, log_samples=True, bootstrap_iters=0)
+    assert results["results"]["arith"]["exact_match,strict-match"] == score
+    sample = results["samples"]["arith"][0]
+    assert sample["filtered_resps"][0] == (str(int(sample["target"]) + 1) if wrong else sample["target"])
+
+
 @pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
 def test_every_family_runs_the_local_tasks(family):
     overrides = {"context_length": 512} if family == "gpt" else {}  # cloze choices run to 254 bytes
     lm = harness_model(model=family_model(family, **overrides), tokenizer=ByteTokenizer(), batch_size=4)
-    results = evaluate(lm, LOCAL, limit=2, bootstrap_iters=0)["results"]
-    cloze, ppl = results["tinystories_cloze"], results["tinystories_ppl"]
-    assert cloze["sample_len"] == 2 and ppl["sample_len"] == 2
+    results = evaluate(lm, [*LOCAL, "arith"], limit=2, bootstrap_iters=0)["results"]
+    cloze, ppl, arith = results["tinystories_cloze"], results["tinystories_ppl"], results["arith"]
+    assert cloze["sample_len"] == 2 and ppl["sample_len"] == 2 and arith["sample_len"] == 2
+    assert arith["exact_match,strict-match"] in (0.0, 0.5, 1.0)
     assert cloze["acc,none"] in (0.0, 0.5, 1.0)
     assert 1.0 < ppl["byte_perplexity,none"] < math.inf and 1.0 < ppl["word_perplexity,none"] < math.inf
     assert ppl["bits_per_byte,none"] == pytest.approx(math.log2(ppl["byte_perplexity,none"]))
