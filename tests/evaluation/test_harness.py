@@ -191,7 +191,7 @@ def test_export_parity_with_lm_eval_hf_model(tmp_path, story_bpe, family, contex
     export_hf(model, tmp_path, story_bpe)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    theirs = HFLM(pretrained=hf, tokenizer=hf_tokenizer, batch_size=4)
+    theirs = HFLM(pretrained=hf, tokenizer=hf_tokenizer, batch_size=4, softmax_dtype="float64")  # as ours
     ours = harness_model(model=model, tokenizer=story_bpe, batch_size=4)
     assert ours.max_length == theirs.max_length == 128  # ppl windows cut at the same places
     assert_same_run(*run_both(ours, theirs, cloze=12, ppl=3))
