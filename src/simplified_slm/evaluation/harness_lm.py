@@ -150,8 +150,8 @@ class SLMHarnessLM(TemplateLM):
         kernel. Only the continuation positions reach the output head (`scored_positions`).
         A log-prob is its logit minus the position's float32 logsumexp, subtracted and summed
         in float64: a float32 log-softmax rounds its outputs with a bias (~1e-6 per token
-        measured), which ~500-token stories sum past 1e-4, and float32 totals past 1024
-        step by 1.2e-4; a float64 log-softmax is as exact but 3.5x the cost on CPU. Requests whose input (context + continuation minus its last
+        measured), which ~500-token stories sum to ~1e-3; a float64 log-softmax is as exact
+        but 3.5x the cost on CPU. Requests whose input (context + continuation minus its last
         token) is the same run once (lm-eval's `Collator` "contexts" grouping, as its `hf`
         model does for one-token multiple-choice answers).
         """
