@@ -132,23 +132,28 @@ def test_every_family_runs_the_local_tasks(family):
 
 @pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
 def test_loglikelihood_batches_equal_solo_requests(family):
-    """Right-padded unmasked batches give each request its batch-of-one score in every
-    family (all are causal), shared inputs run once, and scores are the model's own
-    full-sequence log-softmax at the continuation positions."""
+    """Every request scores as the model's own full-sequence log-softmax of it alone, in
+    every family: right-padded unmasked batches, inputs that differ in their last token
+    only (run once), and contexts shared by several continuations (run once, through the
+    cache, whose rows are repeated per continuation)."""
     model = family_model(family)
-    lm = harness_model(model=model, tokenizer=ByteTokenizer(), batch_size=3)
-    solo = harness_model(model=model, tokenizer=ByteTokenizer(), batch_size=1)
+    tokenizer = ByteTokenizer()
     pairs = [("once upon a time", " there was a cat."), ("the dog", " ran."), ("a", " b c d e f g h"),
-             ("the dog ran", "."), ("the dog ran", "!")]  # the last two share their input
+             ("the dog ran", "."), ("the dog ran", "!"),  # the same input but the last token
+             ("she said", " yes."), ("she said", " no, not today."), ("she said", "!"),  # one context
+             ("the end", " came."), ("the end", ".")]
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
-    batched, alone = lm.loglikelihood(requests, disable_tqdm=True), solo.loglikelihood(requests, disable_tqdm=True)
-    for (a, greedy_a), (b, greedy_b) in zip(batched, alone):
-        assert a == pytest.approx(b, abs=1e-4) and greedy_a == greedy_b
-    context, continuation = (ByteTokenizer().encode_ids(text) for text in pairs[0])
-    with torch.no_grad():
-        logprobs = model(torch.tensor([context + continuation[:-1]])).logits.float().log_softmax(-1)[0]
-    reference = logprobs[-len(continuation):].gather(1, torch.tensor(continuation)[:, None]).sum()
-    assert batched[0][0] == pytest.approx(float(reference), abs=1e-4)
+    for batch_size in (1, 3, 8):
+        scores = harness_model(model=model, tokenizer=tokenizer, batch_size=batch_size).loglikelihood(
+            requests, disable_tqdm=True)
+        for (context, continuation), (score, greedy) in zip(pairs, scores):
+            context, continuation = tokenizer.encode_ids(context), tokenizer.encode_ids(continuation)
+            with torch.no_grad():
+                logprobs = model(torch.tensor([context + continuation[:-1]])).logits.float().log_softmax(-1)[0]
+            predicted = logprobs[-len(continuation):]
+            target = torch.tensor(continuation)[:, None]
+            assert score == pytest.approx(float(predicted.gather(1, target).sum()), abs=1e-4)
+            assert greedy == bool((predicted.argmax(-1) == target[:, 0]).all())
 
 
 def test_generate_until_stops_at_the_stop_string_and_the_length_limit():
