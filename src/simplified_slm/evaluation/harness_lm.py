@@ -5,7 +5,8 @@ whole text, cut at the context's token count, as its `hf` model does), so per-re
 scores match the harness's `hf` model on the same weights. What is ours: scoring batches
 sorted by length (lm-eval's `Collator`) and right-padded without a mask (exact for causal
 models, recurrent ones included), with only the continuation positions through the output
-head; rolling windows from lm-eval's own utilities; generation with the model's cached `generate`
+head, and a context shared by several requests run once through the model's cache;
+rolling windows from lm-eval's own utilities; generation with the model's cached `generate`
 and stop strings checked after each token. This module imports lm_eval at the top: reach it
 through `simplified_slm.evaluation.harness`, which says how to install it when missing.
 """
@@ -215,21 +216,14 @@ class SLMHarnessLM(TemplateLM):
                                progress: tqdm) -> Iterator[tuple[int, tuple[float, bool]]]:
         """(request index, score) for requests grouped by a shared context.
 
-        A batch of contexts (longest first, up to `batch_size` continuations unless one
-        context has more) is left-padded and run once with the model's cache; the cache rows
-        are repeated per continuation (`reorder`, which every family's cache has) and the
-        continuations run after them, right-padded. For a 4-way multiple choice this runs
-        each context once instead of four times.
+        A batch of `batch_size` contexts (longest first) is left-padded and run once with
+        the model's cache; the cache rows are repeated per continuation (`reorder`, which
+        every family's cache has) and all their continuations run after them, right-padded.
+        For a 4-way multiple choice this runs each context once instead of four times.
         """
         groups = sorted(groups, key=lambda members: -len(requests[members[0]][1]))
-        batch: list[list[int]] = []
-        for members in groups:
-            if batch and sum(map(len, batch)) + len(members) > self._batch_size:
-                yield from self._score_context_batch(requests, batch, progress)
-                batch = []
-            batch.append(members)
-        if batch:
-            yield from self._score_context_batch(requests, batch, progress)
+        for start in range(0, len(groups), self._batch_size):
+            yield from self._score_context_batch(requests, groups[start:start + self._batch_size], progress)
 
     def _score_context_batch(self, requests: list[tuple[Any, list[int], list[int]]], groups: list[list[int]],
                              progress: tqdm) -> Iterator[tuple[int, tuple[float, bool]]]:
