@@ -216,14 +216,25 @@ class SLMHarnessLM(TemplateLM):
                                progress: tqdm) -> Iterator[tuple[int, tuple[float, bool]]]:
         """(request index, score) for requests grouped by a shared context.
 
-        A batch of `batch_size` contexts (longest first) is left-padded and run once with
-        the model's cache; the cache rows are repeated per continuation (`reorder`, which
+        A batch of up to `batch_size` contexts (longest first) is left-padded and run once
+        with the model's cache; the cache rows are repeated per continuation (`reorder`, which
         every family's cache has) and all their continuations run after them, right-padded.
-        For a 4-way multiple choice this runs each context once instead of four times.
+        For a 4-way multiple choice this runs each context once instead of four times. A
+        batch's longest context plus its longest continuation stays within `max_length`.
         """
+        def longest_continuation(members: list[int]) -> int:
+            return max(len(requests[i][2]) for i in members) - 1
+
         groups = sorted(groups, key=lambda members: -len(requests[members[0]][1]))
-        for start in range(0, len(groups), self._batch_size):
-            yield from self._score_context_batch(requests, groups[start:start + self._batch_size], progress)
+        batch: list[list[int]] = []
+        for members in groups:
+            width = len(requests[(batch or [members])[0][0]][1]) + max(map(longest_continuation, [*batch, members]))
+            if batch and (len(batch) == self._batch_size or width > self.max_length):
+                yield from self._score_context_batch(requests, batch, progress)
+                batch = []
+            batch.append(members)
+        if batch:
+            yield from self._score_context_batch(requests, batch, progress)
 
     def _score_context_batch(self, requests: list[tuple[Any, list[int], list[int]]], groups: list[list[int]],
                              progress: tqdm) -> Iterator[tuple[int, tuple[float, bool]]]:
