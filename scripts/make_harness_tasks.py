@@ -16,6 +16,10 @@ a closing quote) and whitespace.
   true next sentence among 4 choices; the 3 distractors are sentences of other stories;
   the gold position is drawn too. Fields: context, choices, label.
 - tinystories_ppl.jsonl: the first PPL_STORIES whole stories, paragraphs kept. Field: text.
+- arith.jsonl: ARITH_ITEMS arithmetic word problems from `make_arith_task.problems(ARITH_SEED)`
+  (this folder's script), those right after its first ARITH_TRAIN: the start of the held-out
+  split of `make_arith_task.py --seed 0 --train 2000`, so disjoint from its train.jsonl.
+  Fields: question, answer (worked, ends "The answer is N."), target (N).
 """
 
 from __future__ import annotations
@@ -27,11 +31,15 @@ import random
 import re
 from pathlib import Path
 
+from make_arith_task import problems  # scripts/ is on sys.path when this script runs
+
 REPO = Path(__file__).resolve().parent.parent
 SOURCE = REPO / "src/simplified_slm/corpora/tinystories_valid.txt.gz"
 SEED = 1234
 CLOZE_ITEMS = 200
 PPL_STORIES = 100
+ARITH_SEED, ARITH_TRAIN, ARITH_ITEMS = 0, 2000, 50
+_FINAL_ANSWER = re.compile(r"The answer is (-?[0-9][0-9,]*)\.$")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[.!?][\"'])\s+")
 
 
@@ -74,6 +82,18 @@ def cloze_items(all_stories: list[str], rng: random.Random) -> list[dict]:
     return items
 
 
+def arith_items() -> list[dict]:
+    """The held-out arithmetic problems with their final number as the exact-match target."""
+    stream = problems(ARITH_SEED)
+    for _ in range(ARITH_TRAIN):
+        next(stream)
+    items = []
+    for _ in range(ARITH_ITEMS):
+        question, answer = next(stream)
+        items.append({"question": question, "answer": answer, "target": _FINAL_ANSWER.search(answer).group(1)})
+    return items
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
 
@@ -87,7 +107,9 @@ def main() -> None:
     cloze = cloze_items(all_stories, random.Random(SEED))
     write_jsonl(out / "tinystories_cloze.jsonl", cloze)
     write_jsonl(out / "tinystories_ppl.jsonl", [{"text": s} for s in all_stories[:PPL_STORIES]])
-    print(f"{len(all_stories)} stories -> {len(cloze)} cloze items, {PPL_STORIES} perplexity stories in {out}")
+    write_jsonl(out / "arith.jsonl", arith_items())
+    print(f"{len(all_stories)} stories -> {len(cloze)} cloze items, {PPL_STORIES} perplexity stories, "
+          f"{ARITH_ITEMS} arithmetic problems in {out}")
 
 
 if __name__ == "__main__":

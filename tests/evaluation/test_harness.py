@@ -22,6 +22,7 @@ from simplified_slm.evaluation.harness import TASKS_DIR, evaluate, harness_model
 from simplified_slm.tokenizers import BPETokenizer, ByteTokenizer  # noqa: E402
 
 lm_eval = pytest.importorskip("lm_eval")
+import lm_eval.api.model  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 
 LOCAL = ["tinystories_cloze", "tinystories_ppl"]
@@ -66,7 +67,7 @@ def run_both(ours, theirs, cloze: int, ppl: int) -> tuple[dict, dict]:
 def test_shipped_tasks_are_what_the_build_script_writes(tmp_path):
     subprocess.run([sys.executable, str(REPO / "scripts/make_harness_tasks.py"), "--out", str(tmp_path)],
                    check=True, capture_output=True)
-    for name in ("tinystories_cloze.jsonl", "tinystories_ppl.jsonl"):
+    for name in ("tinystories_cloze.jsonl", "tinystories_ppl.jsonl", "arith.jsonl"):
         assert (tmp_path / name).read_bytes() == (TASKS_DIR / name).read_bytes()
     items = [json.loads(line) for line in (TASKS_DIR / "tinystories_cloze.jsonl").read_text().splitlines()]
     assert len(items) == 200 and all(len(i["choices"]) == 4 and 0 <= i["label"] < 4 for i in items)
@@ -76,27 +77,83 @@ def test_shipped_tasks_are_what_the_build_script_writes(tmp_path):
     assert " ".join((first["context"] + " " + first["choices"][first["label"]]).split()) in " ".join(source.split())
 
 
+def test_arith_items_are_held_out_from_make_arith_task_training_split(tmp_path):
+    """The task's problems are the start of `make_arith_task.py`'s test.jsonl, none in its train.jsonl."""
+    subprocess.run([sys.executable, str(REPO / "scripts/make_arith_task.py"), "--out", str(tmp_path), "--seed", "0",
+                    "--train", "2000", "--test", "200"], check=True, capture_output=True)
+    def questions(name):
+        return [json.loads(line)["messages"][0]["content"] for line in (tmp_path / name).open()]
+    items = [json.loads(line) for line in (TASKS_DIR / "arith.jsonl").open()]
+    assert [i["question"] for i in items] == questions("test.jsonl")[:len(items)]
+    assert not {i["question"] for i in items} & set(questions("train.jsonl"))
+    assert all(i["answer"].endswith(f"The answer is {i['target']}.") for i in items)
+
+
+class AnswerSheet(lm_eval.api.model.LM):
+    """Answers each arith question with a fixed text: the worked answer, or one with its
+    final number changed; lm-eval's own filters and metric then score it."""
+
+    def __init__(self, wrong: bool) -> None:
+        super().__init__()
+        items = [json.loads(line) for line in (TASKS_DIR / "arith.jsonl").open()]
+        self.answers = {f"Question: {i['question']}\nAnswer:": (
+            i["answer"].replace(f"is {i['target']}.", f"is {int(i['target']) + 1}.") if wrong else i["answer"])
+            for i in items}
+
+    def generate_until(self, requests, disable_tqdm=False):
+        return [self.answers[req.args[0]] for req in requests]
+
+    def loglikelihood(self, requests, disable_tqdm=False):
+        raise NotImplementedError
+
+    loglikelihood_rolling = loglikelihood
+
+
+@pytest.mark.parametrize("wrong, score", [(False, 1.0), (True, 0.0)])
+def test_arith_scores_the_final_number_of_the_answer(wrong, score):
+    results = evaluate(AnswerSheet(wrong), ["arith"], limit=10, log_samples=True, bootstrap_iters=0)
+    assert results["results"]["arith"]["exact_match,strict-match"] == score
+    sample = results["samples"]["arith"][0]
+    assert sample["filtered_resps"][0] == (str(int(sample["target"]) + 1) if wrong else sample["target"])
+
+
 @pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
 def test_every_family_runs_the_local_tasks(family):
     overrides = {"context_length": 512} if family == "gpt" else {}  # cloze choices run to 254 bytes
     lm = harness_model(model=family_model(family, **overrides), tokenizer=ByteTokenizer(), batch_size=4)
-    results = evaluate(lm, LOCAL, limit=2, bootstrap_iters=0)["results"]
-    cloze, ppl = results["tinystories_cloze"], results["tinystories_ppl"]
-    assert cloze["sample_len"] == 2 and ppl["sample_len"] == 2
+    results = evaluate(lm, [*LOCAL, "arith"], limit=2, bootstrap_iters=0)["results"]
+    cloze, ppl, arith = results["tinystories_cloze"], results["tinystories_ppl"], results["arith"]
+    assert cloze["sample_len"] == 2 and ppl["sample_len"] == 2 and arith["sample_len"] == 2
+    assert arith["exact_match,strict-match"] in (0.0, 0.5, 1.0)
     assert cloze["acc,none"] in (0.0, 0.5, 1.0)
     assert 1.0 < ppl["byte_perplexity,none"] < math.inf and 1.0 < ppl["word_perplexity,none"] < math.inf
     assert ppl["bits_per_byte,none"] == pytest.approx(math.log2(ppl["byte_perplexity,none"]))
 
 
-def test_loglikelihood_batches_equal_solo_requests():
-    """Length-sorted left-padded batches give each request its batch-of-one score."""
-    lm = harness_model(model=family_model("hgrn_bit"), tokenizer=ByteTokenizer(), batch_size=3)
-    solo = harness_model(model=lm.model, tokenizer=ByteTokenizer(), batch_size=1)
-    pairs = [("once upon a time", " there was a cat."), ("the dog", " ran."), ("a", " b c d e f g h")]
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_loglikelihood_batches_equal_solo_requests(family):
+    """Every request scores as the model's own full-sequence log-softmax of it alone, in
+    every family: right-padded unmasked batches, inputs that differ in their last token
+    only (run once), and contexts shared by several continuations (run once, through the
+    cache, whose rows are repeated per continuation)."""
+    model = family_model(family)
+    tokenizer = ByteTokenizer()
+    pairs = [("once upon a time", " there was a cat."), ("the dog", " ran."), ("a", " b c d e f g h"),
+             ("the dog ran", "."), ("the dog ran", "!"),  # the same input but the last token
+             ("she said", " yes."), ("she said", " no, not today."), ("she said", "!"),  # one context
+             ("the end", " came."), ("the end", ".")]
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
-    batched, alone = lm.loglikelihood(requests, disable_tqdm=True), solo.loglikelihood(requests, disable_tqdm=True)
-    for (a, greedy_a), (b, greedy_b) in zip(batched, alone):
-        assert a == pytest.approx(b, abs=1e-4) and greedy_a == greedy_b
+    for batch_size in (1, 3, 8):
+        scores = harness_model(model=model, tokenizer=tokenizer, batch_size=batch_size).loglikelihood(
+            requests, disable_tqdm=True)
+        for (context, continuation), (score, greedy) in zip(pairs, scores):
+            context, continuation = tokenizer.encode_ids(context), tokenizer.encode_ids(continuation)
+            with torch.no_grad():
+                logprobs = model(torch.tensor([context + continuation[:-1]])).logits.float().log_softmax(-1)[0]
+            predicted = logprobs[-len(continuation):]
+            target = torch.tensor(continuation)[:, None]
+            assert score == pytest.approx(float(predicted.gather(1, target).sum()), abs=1e-4)
+            assert greedy == bool((predicted.argmax(-1) == target[:, 0]).all())
 
 
 def test_generate_until_stops_at_the_stop_string_and_the_length_limit():
@@ -139,7 +196,7 @@ def test_export_parity_with_lm_eval_hf_model(tmp_path, story_bpe, family, contex
     export_hf(model, tmp_path, story_bpe)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    theirs = HFLM(pretrained=hf, tokenizer=hf_tokenizer, batch_size=4)
+    theirs = HFLM(pretrained=hf, tokenizer=hf_tokenizer, batch_size=4, softmax_dtype="float64")  # as ours
     ours = harness_model(model=model, tokenizer=story_bpe, batch_size=4)
     assert ours.max_length == theirs.max_length == 128  # ppl windows cut at the same places
     assert_same_run(*run_both(ours, theirs, cloze=12, ppl=3))
@@ -160,10 +217,12 @@ def test_smollm2_parity_with_lm_eval_hf_model(tmp_path):
                                                            torch_dtype=torch.float32).eval()
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     hf_tokenizer.save_pretrained(tmp_path)  # our BPE tokenizer reads the same tokenizer.json
-    theirs = HFLM(pretrained=hf, tokenizer=hf_tokenizer, batch_size=8)
+    # float64 log-softmax (and so float64 sums), as ours: a story's total passes 1024, where
+    # float32 steps by 1.2e-4, so `hf`'s default float32 sum cannot resolve 1e-4
+    theirs = HFLM(pretrained=hf, tokenizer=hf_tokenizer, batch_size=8, softmax_dtype="float64")
     ours = harness_model(model=import_gguf_llama(path), tokenizer=load_tokenizer(tmp_path), batch_size=8)
     assert ours.prefix_token_id == theirs.prefix_token_id
-    assert_same_run(*run_both(ours, theirs, cloze=20, ppl=4))
+    assert_same_run(*run_both(ours, theirs, cloze=20, ppl=20))
 
 
 def test_slm_harness_cli_writes_lm_eval_results(tmp_path):

@@ -6,7 +6,7 @@ run those rather than re-implement them: our models enter as the `slm` model typ
 optional extra, imported only here and on use, with a one-line fix when it is missing.
 
 The package ships offline tasks in `simplified_slm/harness_tasks/` (tinystories_cloze,
-tinystories_ppl). Their YAMLs name their JSONL relative to their own folder, but
+tinystories_ppl, arith). Their YAMLs name their JSONL relative to their own folder, but
 `datasets` resolves relative `data_files` against the working directory, so each run
 copies the YAMLs into a temporary folder with the path made absolute and hands that folder
 to lm-eval's `TaskManager` (plus any `include_path` of the user's); this works wherever
@@ -26,7 +26,7 @@ import yaml
 from simplified_slm.errors import SLMError
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "harness_tasks"
-LOCAL_TASKS = ("tinystories_cloze", "tinystories_ppl")
+LOCAL_TASKS = ("tinystories_cloze", "tinystories_ppl", "arith")
 
 
 def require_lm_eval() -> None:
