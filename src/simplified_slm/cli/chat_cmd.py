@@ -13,6 +13,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
+from simplified_slm.cli.sampling_args import add_sampling_args
 from simplified_slm.errors import SLMError
 
 if TYPE_CHECKING:
@@ -30,13 +31,7 @@ def add_chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", help="a system message at the start of every conversation")
     p.add_argument("--chat_template", "--chat-template", choices=[PLAIN],
                    help="use the named default template instead of the tokenizer's own")
-    p.add_argument("--max_tokens", "--max-tokens", type=int, default=256, help="most tokens per reply")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top_k", "--top-k", type=int)
-    p.add_argument("--top_p", "--top-p", type=float)
-    p.add_argument("--repetition_penalty", type=float, default=1.0)
-    p.add_argument("--greedy", action="store_true")
-    p.add_argument("--seed", type=int)
+    add_sampling_args(p, max_tokens=256, temperature=0.7)
     p.add_argument("--device", default="auto")
 
 
@@ -83,7 +78,7 @@ def reply(model: CausalLM, tokenizer: Tokenizer, template: ChatTemplate, history
 
 
 def run_chat(model: CausalLM, tokenizer: Tokenizer, args: argparse.Namespace) -> int:
-    from simplified_slm.cli.generate_cmd import _read_prompt
+    from simplified_slm.cli.generate_cmd import typed_lines
     from simplified_slm.tokenizers.chat_template import ChatTemplate
 
     template = ChatTemplate.for_tokenizer(tokenizer, args.chat_template)
@@ -91,15 +86,7 @@ def run_chat(model: CausalLM, tokenizer: Tokenizer, args: argparse.Namespace) ->
     history = list(start)
     print(f"chat ({template.kind} template): type a message, {RESET} to start over, Ctrl-D to quit",
           file=sys.stderr)
-    while True:
-        try:
-            line = _read_prompt()
-        except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)
-            return 0
-        except UnicodeDecodeError:
-            print("error: the line is not valid UTF-8; type UTF-8 text", file=sys.stderr)
-            continue
+    for line in typed_lines():
         if line.strip() == RESET:
             history = list(start)
             print("(history cleared)", file=sys.stderr)
@@ -115,3 +102,4 @@ def run_chat(model: CausalLM, tokenizer: Tokenizer, args: argparse.Namespace) ->
         except KeyboardInterrupt:
             history.pop()
             print("\n(interrupted)", file=sys.stderr)
+    return 0

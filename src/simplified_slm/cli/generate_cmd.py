@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -90,17 +91,21 @@ def _read_prompt() -> str:
     return raw.rstrip(b"\r\n").decode("utf-8")
 
 
-def _interactive(model: CausalLM, tokenizer: Tokenizer, args: argparse.Namespace) -> int:
-    print("interactive mode: type a prompt, empty line or Ctrl-D to quit", file=sys.stderr)
+def typed_lines() -> Iterator[str]:
+    """The user's lines until EOF or Ctrl-C; a line that is not UTF-8 is reported and skipped."""
     while True:
         try:
-            prompt = _read_prompt()
+            yield _read_prompt()
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
-            return 0
+            return
         except UnicodeDecodeError:
             print("error: the line is not valid UTF-8; type UTF-8 text", file=sys.stderr)
-            continue
+
+
+def _interactive(model: CausalLM, tokenizer: Tokenizer, args: argparse.Namespace) -> int:
+    print("interactive mode: type a prompt, empty line or Ctrl-D to quit", file=sys.stderr)
+    for prompt in typed_lines():
         if not prompt:
             return 0
         try:
@@ -109,3 +114,4 @@ def _interactive(model: CausalLM, tokenizer: Tokenizer, args: argparse.Namespace
             print(f"error: {err}", file=sys.stderr)
         except KeyboardInterrupt:
             print("\n(interrupted)", file=sys.stderr)
+    return 0

@@ -15,6 +15,7 @@ from typing import Sequence
 
 from simplified_slm.cli.outputs import check_output_dir, check_output_file
 from simplified_slm.cli.quantize_cmd import add_quantize_args, add_quantize_command
+from simplified_slm.cli.sampling_args import add_sampling_args
 from simplified_slm.errors import SLMError
 from simplified_slm.utils.io import atomic_dir, atomic_write_text
 
@@ -450,13 +451,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                    help="with no --model_path and no trained model under runs/, sample from an untrained "
                         "model instead of failing (to try the command on a fresh clone)")
     p.add_argument("--prompt", default="\n")
-    p.add_argument("--max_tokens", "--max-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top_k", "--top-k", type=int)
-    p.add_argument("--top_p", "--top-p", type=float)
-    p.add_argument("--repetition_penalty", type=float, default=1.0)
-    p.add_argument("--greedy", action="store_true")
-    p.add_argument("--seed", type=int)
+    add_sampling_args(p, max_tokens=200, temperature=0.8)
     p.add_argument("--compile", action="store_true",
                    help="run the one-token decode steps through torch.compile: faster per token "
                         "after a one-off compile of several seconds; pays off for long outputs")
