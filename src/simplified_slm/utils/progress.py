@@ -90,8 +90,19 @@ class LineProgress:
         if self._postfix:
             parts.append(self._postfix)
         prefix = f"{self.desc}: " if self.desc else ""
-        print(prefix + ", ".join(parts), file=self.file or sys.stderr, flush=True)
+        write_line(prefix + ", ".join(parts), self.file or sys.stderr)
         self._last, self._reported_n = now, self.n
+
+
+_WRITE_LOCK = threading.Lock()
+
+
+def write_line(text: str, stream: TextIO) -> None:
+    """One whole line in one write: `print` writes the text and the newline separately, so a
+    heartbeat thread printing beside a progress line could glue two lines together."""
+    with _WRITE_LOCK:
+        stream.write(text + "\n")
+        stream.flush()
 
 
 def progress(total: float | None = None, *, initial: float = 0, desc: str = "", unit: str = "it",
@@ -133,7 +144,7 @@ def heartbeat(desc: str, file: TextIO | None = None) -> Iterator[None]:
     def beat() -> None:
         while not stop.wait(interval):
             beats.append(1)
-            print(f"{desc}: {tqdm.format_interval(time.monotonic() - started)} elapsed", file=stream, flush=True)
+            write_line(f"{desc}: {tqdm.format_interval(time.monotonic() - started)} elapsed", stream)
 
     thread = threading.Thread(target=beat, name="slm-heartbeat", daemon=True)
     thread.start()
@@ -143,4 +154,4 @@ def heartbeat(desc: str, file: TextIO | None = None) -> Iterator[None]:
         stop.set()
         thread.join()
         if beats:
-            print(f"{desc}: done in {tqdm.format_interval(time.monotonic() - started)}", file=stream, flush=True)
+            write_line(f"{desc}: done in {tqdm.format_interval(time.monotonic() - started)}", stream)
