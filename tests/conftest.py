@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny but real experiment config on the bundled tiny shakespeare."""
 
+import signal
 import sys
 from pathlib import Path
 
@@ -8,6 +9,12 @@ import torch
 
 from simplified_slm.models import CausalLM
 from simplified_slm.models.registry import build_model
+
+# A shell starts background jobs with SIGINT ignored, and children inherit that, so the tests
+# that Ctrl-C a child `slm` would see it never interrupted. Catching SIGINT here (exec resets
+# a caught signal to the default) gives every child Python's KeyboardInterrupt back.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parent.parent
 
