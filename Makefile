@@ -24,7 +24,7 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/slm run --config configs/default.json --output_dir runs/demo
 
-# the whole suite, soak tests included (about 16.5 minutes on 2 cores; set-up of a fresh clone adds ~3); CI runs this
+# the whole suite, soak tests included (about 20 minutes on 2 cores: 1142 tests in 19m42s; a fresh clone's set-up adds ~2); CI runs this
 test: setup
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
