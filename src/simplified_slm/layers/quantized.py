@@ -126,9 +126,29 @@ class QuantizedEmbedding(_Packed):
         return f"{self.num_embeddings}, {self.embedding_dim}, scheme={self.scheme}{group}"
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at the dotted `name` inside `model`."""
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def quantizable_modules(model: nn.Module, scheme: str | None = None, group_size: int = 32,
+                        skip: Iterable[str] = ()) -> dict[str, nn.Module]:
+    """Float `nn.Linear`/`nn.Embedding` modules by name, minus `skip` fnmatch patterns
+    (BitLinear keeps its own ternary quantization); with a `scheme`, each is checked to
+    take it before the caller replaces any."""
+    skip = tuple(skip)
+    found = {name: module for name, module in model.named_modules()
+             if isinstance(module, (nn.Linear, nn.Embedding)) and not isinstance(module, BitLinear)
+             and not any(fnmatch.fnmatchcase(name, pattern) for pattern in skip)}
+    if scheme is not None:
+        for name, module in found.items():
+            try:
+                check_scheme(scheme, module.in_features if isinstance(module, nn.Linear) else module.embedding_dim,
+                             group_size)
+            except SLMError as err:
+                raise SLMError(f"cannot quantize {name or 'the model'}: {err}") from None
+    return found
 
 
 def quantize_model(model: nn.Module, scheme: str, group_size: int = 32, skip: Iterable[str] = ()) -> nn.Module:
@@ -140,26 +160,17 @@ def quantize_model(model: nn.Module, scheme: str, group_size: int = 32, skip: It
     parts of bitnet / hgrn_bit. `skip` holds fnmatch patterns of module names to keep in
     float (e.g. "lm_head", "layers.0.*"). Returns `model`.
     """
-    skip = tuple(skip)
-    found = [(name, module) for name, module in model.named_modules()
-             if isinstance(module, (nn.Linear, nn.Embedding)) and not isinstance(module, BitLinear)
-             and not any(fnmatch.fnmatchcase(name, pattern) for pattern in skip)]
-    for name, module in found:  # every layer checked before any is replaced
-        try:
-            check_scheme(scheme, module.in_features if isinstance(module, nn.Linear) else module.embedding_dim,
-                         group_size)
-        except SLMError as err:
-            raise SLMError(f"cannot quantize {name or 'the model'}: {err}") from None
+    found = list(quantizable_modules(model, scheme, group_size, skip).items())  # all checked first
     packed: dict[int, QuantizedLinear] = {}  # weight storage -> its quantized linear, for ties
     for name, module in found:
         if isinstance(module, nn.Linear):
             layer = QuantizedLinear.from_linear(module, scheme, group_size)
             packed[module.weight.data_ptr()] = layer
-            _replace(model, name, layer)
+            replace_module(model, name, layer)
     for name, module in found:
         if isinstance(module, nn.Embedding):
             head = packed.get(module.weight.data_ptr())
             layer = (QuantizedEmbedding.sharing(head) if head is not None
                      else QuantizedEmbedding.from_packed(quantize(module.weight, scheme, group_size)))
-            _replace(model, name, layer)
+            replace_module(model, name, layer)
     return model

@@ -21,7 +21,6 @@ about whole models:
 
 from __future__ import annotations
 
-import fnmatch
 import zlib
 from pathlib import Path
 from typing import Any, Iterable, Protocol
@@ -30,10 +29,15 @@ import torch
 from torch import nn
 
 from simplified_slm.errors import SLMError
-from simplified_slm.layers.bitlinear import BitLinear
-from simplified_slm.layers.quantized import QuantizedEmbedding, QuantizedLinear, quantize_model
+from simplified_slm.layers.quantized import (
+    QuantizedEmbedding,
+    QuantizedLinear,
+    quantizable_modules,
+    quantize_model,
+    replace_module,
+)
 from simplified_slm.models.config import ModelConfig
-from simplified_slm.ops.quant import FLOAT_SCHEMES, SCHEMES, QuantizedWeight, check_scheme, dequantize, quantize
+from simplified_slm.ops.quant import FLOAT_SCHEMES, SCHEMES, QuantizedWeight, dequantize, quantize
 
 QUANTIZATION_FILE = "quantization.json"
 SCHEME_ALIASES = {"int8": "q8_0", "int4": "q4_1"}
@@ -80,42 +84,23 @@ def dequantize_in_place(model: nn.Module) -> nn.Module:
             if module.bias is not None:
                 linear.bias = nn.Parameter(module.bias.float().clone())
             linears[name] = linear
-            _replace(model, name, linear)
+            replace_module(model, name, linear)
     for name, entry in record.items():
         module = model.get_submodule(name)
         if isinstance(module, QuantizedEmbedding):
             embedding = nn.Embedding(module.num_embeddings, module.embedding_dim, device=module.packed_codes.device)
             embedding.weight = (linears[entry["tied"]].weight if entry.get("tied") else
                                 nn.Parameter(dequantize(module.packed((module.num_embeddings, module.embedding_dim)))))
-            _replace(model, name, embedding)
+            replace_module(model, name, embedding)
     return model
 
 
 # --------------------------------------------------------------------------- plans
-def _quantizable(model: nn.Module) -> dict[str, nn.Module]:
-    """Float linears and embeddings by name (BitLinear keeps its own ternary quantization)."""
-    return {name: module for name, module in model.named_modules()
-            if isinstance(module, (nn.Linear, nn.Embedding)) and not isinstance(module, BitLinear)}
-
-
-def _width(module: nn.Module) -> int:
-    return module.in_features if isinstance(module, nn.Linear) else module.embedding_dim
-
-
 def uniform_plan(model: nn.Module, scheme: str, group_size: int = 32, skip: Iterable[str] = ()) -> Plan:
     """One scheme for every quantizable module not matched by a `skip` pattern (the same
     selection `quantize_model` makes), each checked before anything is read."""
-    skip = tuple(skip)
-    plan: Plan = {}
-    for name, module in _quantizable(model).items():
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in skip):
-            continue
-        try:
-            check_scheme(scheme, _width(module), group_size)
-        except SLMError as err:
-            raise SLMError(f"cannot quantize {name}: {err}") from None
-        plan[name] = (scheme, 0 if scheme in FLOAT_SCHEMES else group_size)
-    return plan
+    return {name: (scheme, 0 if scheme in FLOAT_SCHEMES else group_size)
+            for name in quantizable_modules(model, scheme, group_size, skip)}
 
 
 def _tie_groups(modules: dict[str, nn.Module]) -> list[list[str]]:
@@ -177,17 +162,12 @@ def meta_model(config: ModelConfig) -> nn.Module:
     return model
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 # --------------------------------------------------------------------------- loading a saved folder
 def build_skeleton(config: ModelConfig, record: dict[str, dict[str, Any]]) -> nn.Module:
     """The model of a saved quantized folder with empty (meta) tensors, quantized modules
     shaped as `record` says; `load_packed_state` then fills it."""
     model = meta_model(config)
-    modules = _quantizable(model)
+    modules = quantizable_modules(model)
     unknown = [name for name in record if name not in modules]
     if unknown:
         raise SLMError(f"{QUANTIZATION_FILE} names {unknown[0]!r}, which this {config.family} model has no "
@@ -196,13 +176,13 @@ def build_skeleton(config: ModelConfig, record: dict[str, dict[str, Any]]) -> nn
         for name, entry in record.items():
             module = modules[name]
             if isinstance(module, nn.Linear):
-                _replace(model, name, QuantizedLinear(module.in_features, module.out_features, entry["scheme"],
+                replace_module(model, name, QuantizedLinear(module.in_features, module.out_features, entry["scheme"],
                                                       entry["group_size"] or 32, module.bias is not None))
         for name, entry in record.items():
             module = modules[name]
             if isinstance(module, nn.Embedding):
                 tied = entry.get("tied")
-                _replace(model, name, QuantizedEmbedding.sharing(model.get_submodule(tied)) if tied else
+                replace_module(model, name, QuantizedEmbedding.sharing(model.get_submodule(tied)) if tied else
                          QuantizedEmbedding(module.num_embeddings, module.embedding_dim, entry["scheme"],
                                             entry["group_size"] or 32))
     return model
@@ -340,7 +320,7 @@ def build_model(config: ModelConfig, source: WeightSource, plan: Plan, where: st
     beyond one chunk. An already packed source tensor (a GGUF block type) is taken as it
     is when it has the planned scheme and group."""
     model = meta_model(config)
-    modules = _quantizable(model)
+    modules = quantizable_modules(model)
     keys = set(source.keys())
     for names in _tie_groups({n: m for n, m in modules.items()}):
         planned = [n for n in names if n in plan]
@@ -357,9 +337,9 @@ def build_model(config: ModelConfig, source: WeightSource, plan: Plan, where: st
             if isinstance(module, nn.Linear):
                 bias = source.rows(f"{name}.bias") if module.bias is not None else None
                 head = QuantizedLinear.from_packed(qw, bias)
-                _replace(model, name, head)
+                replace_module(model, name, head)
             else:
-                _replace(model, name, QuantizedEmbedding.sharing(head) if head is not None
+                replace_module(model, name, QuantizedEmbedding.sharing(head) if head is not None
                          else QuantizedEmbedding.from_packed(qw))
     _read_float_tensors(model, source, keys, where)
     return model
