@@ -11,13 +11,14 @@ fresh subprocess per variant (CPU has no allocator counter like CUDA's max_memor
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from simplified_slm.utils.memory import peak_rss_bytes
 
 RESULTS = Path(__file__).parent / "results" / "bench_grad_checkpointing.json"
 MODELS = {
@@ -44,7 +45,7 @@ def one_step(family: str, checkpointing: bool) -> dict:
     saved = saved_activation_bytes(model, lambda: box.append(next_token_loss(model(x).logits, x)))
     box[0].backward()
     seconds = time.perf_counter() - started
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss = peak_rss_bytes() / 2**20
     return {"saved_mb": saved / 2**20, "peak_rss_mb": rss, "step_s": seconds}
 
 

@@ -1,7 +1,7 @@
 """Time and memory of HGRN forward+backward on CPU: the naive loop, the pure-PyTorch
 chunk-parallel form and the fused recurrent form (the C kernel models use when it builds).
 
-Each form runs in a fresh subprocess so its peak resident memory (ru_maxrss) is its own:
+Each form runs in a fresh subprocess so its peak resident memory (VmHWM) is its own:
 the number reported is the peak growth over the RSS measured after the inputs exist,
 during the first forward+backward, i.e. what the forward, the saved tensors and the
 backward added. Later runs only add glibc's retention of freed heap (its mmap threshold
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import torch
 
 from simplified_slm.ops.hgrn import chunk_hgrn, fused_recurrent_hgrn, naive_recurrent_hgrn
 from simplified_slm.ops.hgrn.native import native_available
+from simplified_slm.utils.memory import peak_rss_bytes
 
 FORMS = {"naive": naive_recurrent_hgrn, "chunk": chunk_hgrn, "fused": fused_recurrent_hgrn}
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "hgrn.json"
@@ -88,7 +88,7 @@ def _measure(args: argparse.Namespace) -> dict:
     # once per process, which would otherwise dwarf small problems.
     tiny = (1, 4, args.dim)
     fn(torch.zeros(tiny, requires_grad=True), torch.zeros(tiny))[0].backward(torch.zeros(tiny))
-    rss_before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_before_kb = peak_rss_bytes() // 1024
     runs, loads = [], []
     for run in range(2 * args.repeats):
         if run % 2 == 0:
@@ -101,10 +101,10 @@ def _measure(args: argparse.Namespace) -> dict:
         t2 = time.perf_counter()
         del o
         if run == 0:  # see the module docstring: later runs add the allocator's retention
-            peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before_kb
+            peak_kb = peak_rss_bytes() // 1024 - rss_before_kb
         if run % 2:  # timed runs follow an untimed one, back to back as in a training loop
             runs.append(((t1 - t0) * 1e3, (t2 - t1) * 1e3))
-    growth_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before_kb
+    growth_kb = peak_rss_bytes() // 1024 - rss_before_kb
     best_fwd, best_bwd = min(runs, key=sum)
     return {
         "form": args.worker,

@@ -1,6 +1,6 @@
 """Fine-tuning SmolLM2-135M-Instruct on held-out arithmetic word problems (issue #16).
 
-Rows, each in its own process (so `peak_rss_mb`, the process's ru_maxrss, is the row's own):
+Rows, each in its own process (so `peak_rss_mb`, the process's VmHWM, is the row's own):
 
 - `base`: the GGUF as shipped;
 - `full`: full fine-tuning (`train.init_from` + chat SFT with answer-only loss) for `--budget`
@@ -22,11 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from simplified_slm.utils.memory import peak_rss_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -39,7 +40,7 @@ STUDENT = {"family": "llama", "hidden_size": 192, "num_hidden_layers": 4, "num_a
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return peak_rss_bytes() / 2**20
 
 
 def score(model_path: Path, test_file: Path, n: int) -> dict:

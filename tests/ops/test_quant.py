@@ -126,6 +126,27 @@ def test_kernel_matches_the_reference(scheme, shape):
 
 
 @pytest.mark.parametrize("scheme", quant.SCHEMES)
+def test_large_batches_widen_the_weight_a_slice_at_a_time(scheme, monkeypatch):
+    """Prefill and the reference both work through row slices of W (a 1B model's head would
+    otherwise be 1 GB of float32); slices that do not divide the rows give the same values
+    (up to the GEMM's summation order, which depends on the output width)."""
+    qw = quant.quantize(_weight(37, 64), scheme, 32)
+    x = torch.randn(quant_native.SMALL_BATCH + 5, 64, generator=torch.Generator().manual_seed(5))
+    whole = x @ quant.dequantize(qw).T
+    tolerance = {"rtol": 1e-5, "atol": 1e-5 * whole.abs().max().item()}
+    monkeypatch.setattr(quant, "_REFERENCE_CHUNK", 10 * 64)  # 10 rows per slice
+    torch.testing.assert_close(quant.reference_matmul(x, qw, quantized_activations=False), whole, **tolerance)
+    if scheme in INT_SCHEMES:  # exact integer block dots: slicing changes no bit
+        sliced = quant.reference_matmul(x[:3], qw, quantized_activations=True)
+        monkeypatch.setattr(quant, "_REFERENCE_CHUNK", 1 << 18)
+        assert torch.equal(sliced, quant.reference_matmul(x[:3], qw, quantized_activations=True))
+    if quant_native.native_available(x):
+        monkeypatch.setattr(quant_native, "_DEQUANTIZED_SLICE_BYTES", 10 * 64 * 4)
+        got = quant_native.quantized_matmul(x, qw.codes, qw.scales, qw.mins, scheme, qw.group_size)
+        torch.testing.assert_close(got, whole, **tolerance)
+
+
+@pytest.mark.parametrize("scheme", quant.SCHEMES)
 def test_native_dequantize_is_bit_identical(scheme):
     if not quant_native.native_available(torch.zeros(1)):
         pytest.skip("no C compiler here")

@@ -87,7 +87,7 @@ def load_library(name: str, source: str, flag_sets: Sequence[Sequence[str]], dis
         return None
     cc = compiler()
     if cc is None:
-        logger.info("no C compiler found: the %s kernel falls back to PyTorch", name)
+        logger.warning("no C compiler found: the %s kernel falls back to PyTorch (slower); install cc or gcc", name)
         return None
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout

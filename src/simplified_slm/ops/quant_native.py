@@ -335,12 +335,36 @@ def native_available(x: torch.Tensor) -> bool:
 
 
 def _dequantize_native(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, scheme: str,
-                       group_size: int, in_features: int) -> torch.Tensor:
-    w = torch.empty(codes.shape[0], in_features, dtype=torch.float32)
+                       group_size: int, in_features: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """W as float32 (into `out`, a contiguous (rows, in_features) buffer, when given)."""
+    w = torch.empty(codes.shape[0], in_features, dtype=torch.float32) if out is None else out
     _library().quant_dequantize(_SCHEME_ID[scheme], codes.data_ptr(), scales.data_ptr(), mins.data_ptr(),
                                 w.data_ptr(), codes.shape[0], in_features, group_size or BLOCK,
                                 torch.get_num_threads())
     return w
+
+
+# Bytes of float32 weight rows dequantized at a time for large batches: a slice big enough
+# for an efficient GEMM, small enough that prefill never holds W in float32 (a 1B model's
+# 128256 x 2048 head would be 1 GB).
+_DEQUANTIZED_SLICE_BYTES = 16 << 20
+
+
+def _dequantized_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                        scheme: str, group_size: int) -> torch.Tensor:
+    """x @ W^T for many rows of x: slices of W dequantized into one reused buffer, each
+    multiplied by oneDNN's GEMM straight into its columns of y."""
+    (m, k), n = x.shape, codes.shape[0]
+    rows = min(n, max(1, _DEQUANTIZED_SLICE_BYTES // (4 * k)))
+    buffer, y = torch.empty(rows, k), x.new_empty(m, n)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        part = slice(start, stop)
+        w = _dequantize_native(codes[part], scales[part] if scales.numel() else scales,
+                               mins[part] if mins.numel() else mins, scheme, group_size, k,
+                               out=buffer[:stop - start])
+        torch.mm(x, w.T, out=y[:, part])
+    return y
 
 
 def _matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
@@ -348,7 +372,7 @@ def _matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: to
     """y = x @ W^T for contiguous float32 x (M, K) and W's packed tensors."""
     m, k = x.shape
     if m > SMALL_BATCH:
-        return x @ _dequantize_native(codes, scales, mins, scheme, group_size, k).T
+        return _dequantized_matmul(x, codes, scales, mins, scheme, group_size)
     y = x.new_empty(m, codes.shape[0])
     failed = _library().quant_gemv(_SCHEME_ID[scheme], codes.data_ptr(), scales.data_ptr(), mins.data_ptr(),
                                    x.data_ptr(), y.data_ptr(), m, codes.shape[0], k, group_size or BLOCK,
