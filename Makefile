@@ -24,9 +24,10 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/slm run --config configs/default.json --output_dir runs/demo
 
-# the whole suite, soak tests included (about 20 minutes on 2 cores: 1142 tests in 19m42s; a fresh clone's set-up adds ~2); CI runs this
+# the whole suite, soak tests included, on two pytest workers (test files spread over them:
+# most tests wait on a child process or run small single-threaded ops); CI runs this
 test: setup
-	$(BIN)/python -m pytest -q -m "slow or not slow"
+	$(BIN)/python -m pytest -q -m "slow or not slow" -n 2 --dist loadfile --durations=25
 
 # without the `slow` soak tests (what a plain `pytest` runs)
 test-fast: setup
