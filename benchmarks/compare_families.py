@@ -89,7 +89,8 @@ def run_family(name: str, base: dict[str, Any], args: argparse.Namespace) -> dic
     done = subprocess.run([sys.executable, "-m", "simplified_slm.cli", "run", "--config", str(cfg_path),
                            "--output_dir", str(run_dir)], env={**os.environ, "PYTHONPATH": str(REPO / "src")})
     if done.returncode != 0:
-        raise SystemExit(f"{name}: slm run failed (exit {done.returncode}, its error is above); config {cfg_path}")
+        return {"family": name, "error": f"slm run failed (exit {done.returncode}, its error is above)",
+                "config": str(cfg_path)}
     wall = time.perf_counter() - started
     report = json.loads((run_dir / "eval.json").read_text())
     state = json.loads((run_dir / "checkpoints" / "latest" / "trainer_state.json").read_text())
@@ -111,7 +112,10 @@ def markdown(rows: list[dict[str, Any]], budget: float) -> str:
     lines = [f"| family ({budget:.0f} s of training) | parameters | tokenizer | steps | tokens seen | "
              "train tokens/s | val BPB (whole split, 95% interval) | decode tok/s |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: r["val_bpb"]):
+    for r in sorted(rows, key=lambda r: r.get("val_bpb", float("inf"))):
+        if "error" in r:
+            lines.append(f"| {r['family']} | {r['error']} ({r['config']}) |  |  |  |  |  |  |")
+            continue
         lo, hi = r["val_bpb_95"]
         lines.append(f"| {r['family']} | {r['parameters'] / 1e6:.2f}M | {r['tokenizer']} | {r['steps']} | "
                      f"{r['tokens_seen'] / 1e6:.2f}M | {r['train_tokens_per_s']:,} | **{r['val_bpb']:.4f}** "
@@ -133,12 +137,13 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown families {unknown}; choose from {sorted(RECIPES)}")
     base = json.loads(args.base.read_text())
-    rows = [run_family(name, base, args) for name in names]
-    table = markdown(rows, args.budget)
-    print(table)
-    atomic_write_json(args.json, {"budget_s": args.budget, "base": str(args.base), "rows": rows,
-                                  "torch": torch.__version__, "threads": torch.get_num_threads(),
-                                  "date": time.strftime("%Y-%m-%d")})
+    rows: list[dict[str, Any]] = []
+    for name in names:  # the JSON is rewritten after each family: a long run is never lost
+        rows.append(run_family(name, base, args))
+        atomic_write_json(args.json, {"budget_s": args.budget, "base": str(args.base), "rows": rows,
+                                      "torch": torch.__version__, "threads": torch.get_num_threads(),
+                                      "date": time.strftime("%Y-%m-%d")})
+    print(markdown(rows, args.budget))
     print(f"\nJSON: {args.json}")
 
 

@@ -23,6 +23,16 @@ REPO = Path(__file__).resolve().parent.parent
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_dynamo_caches():
+    """Each test file starts with torch.compile's caches empty. Dynamo keeps at most 8 graphs
+    per code object (`recompile_limit`), and every model instance compiled adds one for the
+    shared family forward: which files ran before in the same pytest worker must not decide
+    whether a `fullgraph=True` compile passes."""
+    torch._dynamo.reset()
+    yield
+
+
 def tiny_experiment(output_dir: Path, **train_overrides) -> dict:
     train = {"max_steps": 40, "batch_size": 8, "block_size": 32, "lr": 3e-3, "min_lr": 3e-4,
              "warmup_steps": 5, "eval_every": 20, "eval_batches": 4, "sample_every": 20,
