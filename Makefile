@@ -21,7 +21,10 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# a previous demo run is kept, renamed with its time, so runs/demo is always the newest
 demo: setup
+	@if [ -e runs/demo ]; then old=runs/demo-$$(date -r runs/demo +%Y%m%d-%H%M%S); \
+		mv runs/demo $$old && echo "the previous demo run is now in $$old"; fi
 	$(BIN)/slm run --config configs/default.json --output_dir runs/demo
 
 # the whole suite, soak tests included, on two pytest workers (test files spread over them:
