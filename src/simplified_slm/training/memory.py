@@ -9,10 +9,10 @@ close to the limit passes and is left to the allocator.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from simplified_slm.errors import SLMError
+from simplified_slm.utils.memory import available_memory
 
 BYTES_PER_PARAM = 16  # fp32 weight + gradient + AdamW's two moments
 WIDTH_FIELDS = ("d_model", "hidden_size")
@@ -43,21 +43,6 @@ def lower_bound_bytes(model_cfg: Any, batch_size: int, block_size: int) -> tuple
     tokens = batch_size * block_size
     activations = 4 * tokens * (depth * (2 * width + ffn) + 2 * vocab)
     return params, params * BYTES_PER_PARAM, activations
-
-
-def available_memory() -> int | None:
-    """Bytes the kernel says a new allocation can get without swapping (None if unknown)."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def check_fits_in_memory(model_cfg: Any, batch_size: int, block_size: int) -> None:

@@ -1,25 +1,47 @@
-"""Peak resident memory of this process, for memory goals and benchmark tables.
+"""Memory figures from the kernel: this process's peak resident memory (for memory goals
+and benchmark tables) and what a new allocation can still get (for refusing a config that
+cannot fit).
 
-Why not `resource.getrusage(RUSAGE_SELF).ru_maxrss`: Linux carries it across execve, so a
-subprocess started by a large process (pytest late in the suite, a benchmark driver)
-reports its parent's peak instead of its own (measured: 5.5 GB for a child that peaked at
-1.3 GB). /proc's VmHWM belongs to the process's own address space.
+Why the peak is not `resource.getrusage(RUSAGE_SELF).ru_maxrss`: Linux carries it across
+execve, so a subprocess started by a large process (pytest late in the suite, a benchmark
+driver) reports its parent's peak instead of its own (measured: 5.5 GB for a child that
+peaked at 1.3 GB). /proc's VmHWM belongs to the process's own address space.
 """
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 
 
-def peak_rss_bytes() -> int:
-    """The most resident memory this process has held (VmHWM; ru_maxrss where no /proc)."""
+def _proc_bytes(path: str, key: str) -> int | None:
+    """A `key: N kB` line of a /proc file, in bytes (None where there is no such file)."""
     try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
+        with open(path) as fh:
+            for line in fh:
+                if line.startswith(key):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """The most resident memory this process has held (VmHWM; ru_maxrss where no /proc)."""
+    peak = _proc_bytes("/proc/self/status", "VmHWM:")
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says a new allocation can get without swapping (None if unknown)."""
+    available = _proc_bytes("/proc/meminfo", "MemAvailable:")
+    if available is not None:
+        return available
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
