@@ -180,15 +180,16 @@ def reference_matmul(x: torch.Tensor, qw: QuantizedWeight, quantized_activations
     rows = max(1, _REFERENCE_CHUNK // k)
     if not quantized_activations or qw.scheme in FLOAT_SCHEMES:
         x32 = x2.to(torch.float32)
-        y = torch.cat([x32 @ dequantize(part).T for part in _row_slices(qw, rows)], dim=-1)
+        y = torch.cat([x32 @ dequantize(part).T for part in row_slices(qw, rows)], dim=-1)
         return y.reshape(*lead, qw.shape[0]).to(x.dtype)
     qx, dx = quantize_activations(x2)
-    y = torch.cat([_exact_block_dots(qx, dx, part) for part in _row_slices(qw, rows)], dim=-1)
+    y = torch.cat([_exact_block_dots(qx, dx, part) for part in row_slices(qw, rows)], dim=-1)
     return y.reshape(*lead, qw.shape[0]).to(x.dtype)
 
 
-def _row_slices(qw: QuantizedWeight, rows: int) -> list[QuantizedWeight]:
-    """W cut into consecutive slices of `rows` output rows (views, no copies)."""
+def row_slices(qw: QuantizedWeight, rows: int) -> list[QuantizedWeight]:
+    """W cut into consecutive slices of `rows` output rows (views, no copies): how the
+    reference and the C path's prefill work through a large weight."""
     def cut(t: torch.Tensor, start: int) -> torch.Tensor:
         return t[start:start + rows] if t.numel() else t
     return [QuantizedWeight(qw.scheme, cut(qw.codes, i), cut(qw.scales, i), cut(qw.mins, i),

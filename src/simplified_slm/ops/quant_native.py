@@ -30,7 +30,7 @@ import functools
 import torch
 
 from simplified_slm.ops.native_build import load_library
-from simplified_slm.ops.quant import BLOCK, QuantizedWeight, reference_matmul
+from simplified_slm.ops.quant import BLOCK, QuantizedWeight, reference_matmul, row_slices
 
 SMALL_BATCH = 16  # rows of x up to which the int8 GEMV runs; above, dequantize + torch.mm
 _SCHEME_ID = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "bf16": 3, "fp16": 4}
@@ -357,13 +357,13 @@ def _dequantized_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tens
     (m, k), n = x.shape, codes.shape[0]
     rows = min(n, max(1, _DEQUANTIZED_SLICE_BYTES // (4 * k)))
     buffer, y = torch.empty(rows, k), x.new_empty(m, n)
-    for start in range(0, n, rows):
-        stop = min(n, start + rows)
-        part = slice(start, stop)
-        w = _dequantize_native(codes[part], scales[part] if scales.numel() else scales,
-                               mins[part] if mins.numel() else mins, scheme, group_size, k,
-                               out=buffer[:stop - start])
-        torch.mm(x, w.T, out=y[:, part])
+    start = 0
+    for part in row_slices(QuantizedWeight(scheme, codes, scales, mins, (n, k), group_size), rows):
+        stop = start + part.shape[0]
+        w = _dequantize_native(part.codes, part.scales, part.mins, scheme, group_size, k,
+                               out=buffer[:part.shape[0]])
+        torch.mm(x, w.T, out=y[:, start:stop])
+        start = stop
     return y
 
 
