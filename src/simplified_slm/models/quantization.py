@@ -43,7 +43,7 @@ QUANTIZATION_FILE = "quantization.json"
 SCHEME_ALIASES = {"int8": "q8_0", "int4": "q4_1"}
 FLOAT_NAMES = ("none", "fp32", "float32")  # `--quantize none`: keep (or make) the model float32
 SCHEME_CHOICES = (*SCHEME_ALIASES, *SCHEMES, *FLOAT_NAMES)
-CHUNK_BYTES = 64 << 20  # float32 rows read and quantized at a time
+CHUNK_BYTES = 16 << 20  # float32 rows read and quantized at a time (each takes ~5x this in temporaries)
 Plan = dict[str, tuple[str, int]]  # module name -> (scheme, group size)
 
 
@@ -296,15 +296,20 @@ class RandomWeights:
 
 def quantize_rows(source: WeightSource, key: str, scheme: str, group_size: int) -> QuantizedWeight:
     """Quantize a source tensor `CHUNK_BYTES` of float rows at a time (groups run along a
-    row, so chunks quantize exactly as the whole would)."""
+    row, so chunks quantize exactly as the whole would), each chunk written straight into
+    the packed result: no list of parts beside their concatenation."""
     rows, cols = source.shape(key)
     step = max(1, CHUNK_BYTES // (4 * cols))
-    parts = [quantize(source.rows(key, start, start + step), scheme, group_size) for start in range(0, rows, step)]
-    if len(parts) == 1:
-        return parts[0]
-    cat = lambda field: torch.cat([getattr(p, field) for p in parts]) if getattr(parts[0], field).numel() \
-        else getattr(parts[0], field)  # noqa: E731
-    return QuantizedWeight(scheme, cat("codes"), cat("scales"), cat("mins"), (rows, cols), parts[0].group_size)
+    first = quantize(source.rows(key, 0, step), scheme, group_size)
+    if step >= rows:
+        return first
+    packed = [t.new_empty(rows, *t.shape[1:]) if t.numel() else t for t in (first.codes, first.scales, first.mins)]
+    for start in range(0, rows, step):
+        part = first if start == 0 else quantize(source.rows(key, start, start + step), scheme, group_size)
+        for whole, piece in zip(packed, (part.codes, part.scales, part.mins)):
+            if piece.numel():
+                whole[start:start + piece.shape[0]] = piece
+    return QuantizedWeight(scheme, *packed, (rows, cols), first.group_size)
 
 
 def _source_key(source_keys: set[str], names: list[str], leaf: str, where: str) -> str:
