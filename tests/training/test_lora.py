@@ -10,22 +10,29 @@ from conftest import family_model, tiny_experiment
 from simplified_slm.errors import SLMError
 from simplified_slm.models import CausalLM, load
 from simplified_slm.training.config import ExperimentConfig, TrainConfig
-from simplified_slm.training.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraSettings, adapter_tensors,
-                                          attach_lora, merge_lora)
+from simplified_slm.layers.quantized import QuantizedEmbedding, QuantizedLinear
+from simplified_slm.models.quantization import quantize_in_place
+from simplified_slm.training.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_QUANTIZATION, LoraSettings,
+                                          adapter_tensors, attach_lora, lora_layers, merge_lora)
 from simplified_slm.training.optim import build_optimizer
 from simplified_slm.training.step import StepSetup, TrainState, model_loss, train_step
 from simplified_slm.tokenizers import ByteTokenizer
 from simplified_slm.training.trainer import Trainer
 
 
-@pytest.mark.parametrize("family", ["llama", "bitnet"])
-def test_only_adapters_train_and_the_loss_falls(family):
-    model = family_model(family).train()
+def _scaled_head(model: CausalLM) -> CausalLM:
     with torch.no_grad():  # a head with a trained one's scale (at init every output is near uniform)
         model.lm_head.weight.normal_(0, 0.3)
+    return model
+
+
+def _adapters_memorise_one_batch(model: CausalLM) -> CausalLM:
+    """Adapters on `model`, trained on one batch: only they are optimised, the loss falls, and
+    the base (float or packed) stays bit-identical. Returns the adapted model."""
     base = {k: v.clone() for k, v in model.state_dict().items()}
-    model = attach_lora(model, LoraSettings(r=8, alpha=16))
+    model = attach_lora(model.train(), LoraSettings(r=8, alpha=16))
     lora = {id(t) for pair in adapter_tensors(model).values() for t in pair}
+    assert all(t.dtype == torch.float32 for pair in adapter_tensors(model).values() for t in pair)
     optimizer = build_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.0))
     assert {id(p) for group in optimizer.param_groups for p in group["params"]} == lora
     setup = StepSetup(loss_fn=model_loss(model), forward=model, params=list(model.parameters()),
@@ -39,6 +46,12 @@ def test_only_adapters_train_and_the_loss_falls(family):
     after = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
     assert after.keys() == base.keys()
     assert all(torch.equal(after[k], base[k]) for k in base)  # the base is bit-identical
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "bitnet"])
+def test_only_adapters_train_and_the_loss_falls(family):
+    _adapters_memorise_one_batch(_scaled_head(family_model(family)))
 
 
 def test_a_target_that_matches_nothing_names_the_available_modules():
@@ -115,3 +128,51 @@ def test_a_lora_run_from_pretrained_weights_points_its_adapter_at_them(tmp_path)
     frozen = {k.replace(".base_layer", ""): v for k, v in adapted.state_dict().items() if "lora_" not in k}
     assert frozen.keys() == pretrained.state_dict().keys()
     assert all(torch.equal(frozen[k], v) for k, v in pretrained.state_dict().items())  # the source's weights
+
+
+@pytest.mark.parametrize("scheme", ["int4", "bf16"])
+def test_qlora_trains_float_adapters_over_a_packed_base(scheme):
+    model = _scaled_head(family_model("llama", intermediate_size=256))  # a width the 32-groups divide
+    model = _adapters_memorise_one_batch(quantize_in_place(model, scheme))
+    adapted = lora_layers(model)
+    assert adapted and all(isinstance(layer.get_base_layer(), QuantizedLinear) for layer in adapted.values())
+
+    # merged: the dequantized base with the adapter folded in, the same function in float32
+    model.eval()
+    x = torch.randint(0, 256, (2, 10))
+    with torch.no_grad():
+        want = model(x).logits
+    merged = merge_lora(model)
+    assert not any(isinstance(m, (QuantizedLinear, QuantizedEmbedding)) for m in merged.modules())
+    torch.testing.assert_close(merged(x).logits, want, atol=1e-4, rtol=0)
+
+
+def test_a_qlora_run_resumes_exactly_and_loads_with_its_base_quantized(tmp_path):
+    def config(out):
+        cfg = _lora_config(out)
+        return cfg.replace(train=cfg.train.replace(lora=cfg.train.lora.replace(quantize_base="int4")))
+
+    whole = Trainer(config(tmp_path / "whole")).run()
+    Trainer(config(tmp_path / "split"), until=20).run()
+    resumed = Trainer(config(tmp_path / "split"), resume="auto").run()
+    assert resumed.losses == whole.losses[20:]
+
+    ckpt = whole.checkpoint
+    assert json.loads((ckpt / BASE_QUANTIZATION).read_text())["modules"]["lm_head"]["scheme"] == "q4_1"
+    loaded = load(ckpt).model
+    assert all(isinstance(layer.get_base_layer(), QuantizedLinear) for layer in lora_layers(loaded).values())
+    # the same function as float base + adapter, up to 4-bit rounding; and merged exactly
+    float_base = peft.PeftModel.from_pretrained(CausalLM.from_pretrained(whole.checkpoint.parent.parent / "base"),
+                                                str(ckpt)).eval()
+    x = torch.randint(0, loaded.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        got = loaded(x).logits
+        assert 0 < (got - float_base(input_ids=x).logits).abs().max() < 0.5
+    torch.testing.assert_close(merge_lora(loaded)(x).logits, got, atol=1e-4, rtol=0)
+
+
+def test_quantize_base_names_the_bad_scheme():
+    with pytest.raises(SLMError, match="quantize_base.*unknown quantization scheme 'int3'"):
+        LoraSettings(quantize_base="int3").validate()
+    with pytest.raises(SLMError, match="quantize_base.*means float32"):
+        LoraSettings(quantize_base="none").validate()

@@ -9,14 +9,16 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, tiny_experiment
+from conftest import REPO, family_model, tiny_experiment
 from simplified_slm import SLMError
 from simplified_slm.models.registry import build_model
+from simplified_slm.tokenizers import ByteTokenizer
 from simplified_slm.training import ExperimentConfig, Trainer
 from simplified_slm.training.config import TrainConfig
 from simplified_slm.training.optim import CombinedOptimizer, build_optimizer, learning_rate
@@ -134,26 +136,55 @@ def ddp_config(run: Path) -> dict:
     return cfg
 
 
-def test_ddp_two_processes_match_single_process_and_resume(tmp_path):
+def ddp_matches_single_process(tmp_path: Path, config: Callable[[Path], dict],
+                               weights: str = "model.safetensors") -> subprocess.CompletedProcess:
+    """`config(run)` trained in one process, and by two DDP processes paused at step 4 and
+    resumed: the same losses step by step and the same final `weights`. Returns the resumed
+    DDP run's output."""
     single = tmp_path / "single"
-    Trainer(ExperimentConfig.from_dict(ddp_config(single))).run()
+    Trainer(ExperimentConfig.from_dict(config(single))).run()
     ddp = tmp_path / "ddp"
     path = tmp_path / "ddp.json"
-    path.write_text(json.dumps(ddp_config(ddp)))
+    path.write_text(json.dumps(config(ddp)))
     torchrun(["train", "--config", str(path), "--until", "4"], tmp_path / "ddp1.log")
     resumed = torchrun(["train", "--config", str(path), "--resume", "auto"], tmp_path / "ddp2.log")
-    assert resumed.stdout.count('"val_loss"') == 1 and resumed.stderr.count("resumed from") == 1  # rank 0 speaks
-    assert "distributed: 2 processes, ddp over gloo" in resumed.stderr
     want, got = train_losses(single), train_losses(ddp)
     assert sorted(got) == list(range(1, 9))
     for step in want:
         assert got[step] == pytest.approx(want[step], abs=1e-5), step
-    a, b = final_weights(single), final_weights(ddp)
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    a, b = (load_file(str(run / "checkpoints" / "latest" / weights)) for run in (single, ddp))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    return resumed
+
+
+def test_ddp_two_processes_match_single_process_and_resume(tmp_path):
+    resumed = ddp_matches_single_process(tmp_path, ddp_config)
+    assert resumed.stdout.count('"val_loss"') == 1 and resumed.stderr.count("resumed from") == 1  # rank 0 speaks
+    assert "distributed: 2 processes, ddp over gloo" in resumed.stderr
     # only rank 0 wrote: one metrics file, no temp folders left by a second writer
+    ddp = tmp_path / "ddp"
     assert sorted(p.name for p in (ddp / "checkpoints").iterdir() if not p.name.startswith("step_")) == [
         "best", "latest"]
     assert len(list(ddp.glob("**/metrics*.csv"))) == 1
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_ddp_from_pretrained_weights_matches_single_process(tmp_path, lora):
+    """train.init_from under DDP: every rank loads the same source (and, with LoRA, injects the
+    same adapters over it), so two processes train, checkpoint and resume as one."""
+    source = tmp_path / "pretrained"
+    family_model("gpt").save_pretrained(source, tokenizer=ByteTokenizer())
+
+    def config(run: Path) -> dict:
+        cfg = ddp_config(run)
+        cfg["model"] = {"family": "gpt", "dropout": 0.0}  # the source's sizes; no dropout masks per rank
+        del cfg["tokenizer"]  # the source's
+        cfg["train"]["init_from"] = str(source)
+        if lora:
+            cfg["train"]["lora"] = {"r": 4, "alpha": 8}
+        return cfg
+
+    ddp_matches_single_process(tmp_path, config, "adapter_model.safetensors" if lora else "model.safetensors")
 
 
 def test_ddp_refuses_a_batch_that_does_not_split(tmp_path):

@@ -28,8 +28,20 @@ def compiled_step(model: Any) -> Callable[..., Any]:
     dynamic size, so later steps reuse the graph instead of compiling per token."""
     step = _COMPILED_STEPS.get(model)
     if step is None:
+        _make_room_for_another_model()
         step = _COMPILED_STEPS[model] = torch.compile(model)
     return step
+
+
+GRAPHS_PER_MODEL = 4  # a decode step's graphs: static first, then the dynamic cache length; room to spare
+
+
+def _make_room_for_another_model() -> None:
+    """Dynamo keeps at most `recompile_limit` graphs per code object, and every model of a
+    class shares its `forward`'s code: without room, the fifth or so model compiled in one
+    process (a server, a notebook comparing models) would silently decode in eager mode."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, GRAPHS_PER_MODEL * (len(_COMPILED_STEPS) + 1))
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int = 0,

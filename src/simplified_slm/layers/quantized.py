@@ -93,6 +93,12 @@ class QuantizedLinear(_Packed):
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize(self.packed((self.out_features, self.in_features)))
 
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The packed codes under the name peft looks for on a quantized layer it wraps in a
+        LoRA adapter (to put the adapter on the layer's device)."""
+        return self.packed_codes
+
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.scheme not in FLOAT_SCHEMES else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"

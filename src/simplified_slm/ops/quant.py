@@ -187,6 +187,18 @@ def reference_matmul(x: torch.Tensor, qw: QuantizedWeight, quantized_activations
     return y.reshape(*lead, qw.shape[0]).to(x.dtype)
 
 
+def reference_grad_input(g: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+    """g @ W in float32 (the gradient of x @ W^T for x), W widened a slice of rows at a time
+    as in `reference_matmul`."""
+    g = g.to(torch.float32)
+    gx = g.new_zeros(g.shape[0], qw.shape[1])
+    start, rows = 0, max(1, _REFERENCE_CHUNK // qw.shape[1])
+    for part in row_slices(qw, rows):
+        gx.addmm_(g[:, start:start + part.shape[0]], dequantize(part))
+        start += part.shape[0]
+    return gx
+
+
 def row_slices(qw: QuantizedWeight, rows: int) -> list[QuantizedWeight]:
     """W cut into consecutive slices of `rows` output rows (views, no copies): how the
     reference and the C path's prefill work through a large weight."""

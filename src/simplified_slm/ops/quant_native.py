@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 from simplified_slm.ops.native_build import load_library
-from simplified_slm.ops.quant import BLOCK, QuantizedWeight, reference_matmul, row_slices
+from simplified_slm.ops.quant import BLOCK, QuantizedWeight, reference_grad_input, reference_matmul, row_slices
 
 SMALL_BATCH = 16  # rows of x up to which the int8 GEMV runs; above, dequantize + torch.mm
 _SCHEME_ID = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "bf16": 3, "fp16": 4}
@@ -350,21 +352,61 @@ def _dequantize_native(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Te
 _DEQUANTIZED_SLICE_BYTES = 16 << 20
 
 
+def _weight_slices(qw: QuantizedWeight) -> Iterator[tuple[slice, torch.Tensor]]:
+    """W in float32, 16 MB of rows at a time, each slice dequantized in C into one reused
+    buffer: (the rows it covers, the slice)."""
+    n, k = qw.shape
+    rows = min(n, max(1, _DEQUANTIZED_SLICE_BYTES // (4 * k)))
+    buffer, start = torch.empty(rows, k), 0
+    for part in row_slices(qw, rows):
+        stop = start + part.shape[0]
+        yield slice(start, stop), _dequantize_native(part.codes, part.scales, part.mins, qw.scheme, qw.group_size,
+                                                     k, out=buffer[:part.shape[0]])
+        start = stop
+
+
 def _dequantized_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                         scheme: str, group_size: int) -> torch.Tensor:
-    """x @ W^T for many rows of x: slices of W dequantized into one reused buffer, each
-    multiplied by oneDNN's GEMM straight into its columns of y."""
+    """x @ W^T for many rows of x: each slice of W multiplied by oneDNN's GEMM straight into
+    its columns of y."""
     (m, k), n = x.shape, codes.shape[0]
-    rows = min(n, max(1, _DEQUANTIZED_SLICE_BYTES // (4 * k)))
-    buffer, y = torch.empty(rows, k), x.new_empty(m, n)
-    start = 0
-    for part in row_slices(QuantizedWeight(scheme, codes, scales, mins, (n, k), group_size), rows):
-        stop = start + part.shape[0]
-        w = _dequantize_native(part.codes, part.scales, part.mins, scheme, group_size, k,
-                               out=buffer[:part.shape[0]])
-        torch.mm(x, w.T, out=y[:, start:stop])
-        start = stop
+    y = x.new_empty(m, n)
+    for rows, w in _weight_slices(QuantizedWeight(scheme, codes, scales, mins, (n, k), group_size)):
+        torch.mm(x, w.T, out=y[:, rows])
     return y
+
+
+def _dequantized_grad_input(g: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+    """g @ W (the gradient of x @ W^T for x), summed over the same slices of W."""
+    gx = g.new_zeros(g.shape[0], qw.shape[1])
+    for rows, w in _weight_slices(qw):
+        gx.addmm_(g[:, rows], w)
+    return gx
+
+
+class _FrozenWeightMatmul(torch.autograd.Function):
+    """x @ W^T differentiable in x only (W is frozen: the base under LoRA adapters), in the
+    float numerics (x @ dequantize(W)^T) both ways. The backward dequantizes W again a
+    slice at a time, so autograd keeps the packed W alive, never a float32 copy of it
+    (which would cost a QLoRA run the memory it quantized to save)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                scheme: str, group_size: int) -> torch.Tensor:
+        ctx.save_for_backward(codes, scales, mins)
+        ctx.scheme, ctx.group_size, ctx.k = scheme, group_size, x.shape[1]
+        qw = QuantizedWeight(scheme, codes, scales, mins, (codes.shape[0], x.shape[1]), group_size)
+        if native_available(x):
+            return _dequantized_matmul(x, codes, scales, mins, scheme, group_size)
+        return reference_matmul(x, qw, quantized_activations=False)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        codes, scales, mins = ctx.saved_tensors
+        qw = QuantizedWeight(ctx.scheme, codes, scales, mins, (codes.shape[0], ctx.k), ctx.group_size)
+        g = g.contiguous()
+        gx = _dequantized_grad_input(g, qw) if native_available(g) else reference_grad_input(g, qw)
+        return gx, None, None, None, None, None
 
 
 def _matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
@@ -386,7 +428,7 @@ def _matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: to
 # as one opaque call. Through the low-level `torch.library.Library` rather than
 # `torch.library.custom_op`: a compiled decode step calls it ~200 times per token, and
 # custom_op's Python wrapper layers cost about twice the dispatch overhead (measured with
-# the benchmark's shapes). No autograd: quantized weights are for inference.
+# the benchmark's shapes). No autograd here: `_FrozenWeightMatmul` serves gradients.
 _LIBRARY = torch.library.Library("simplified_slm", "FRAGMENT")
 _LIBRARY.define("quant_matmul(Tensor x, Tensor codes, Tensor scales, Tensor mins, str scheme, int group_size) -> Tensor")
 _LIBRARY.impl("quant_matmul", _matmul, "CPU")
@@ -401,11 +443,15 @@ def _matmul_shape(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mi
 def quantized_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                      scheme: str, group_size: int) -> torch.Tensor:
     """x (..., K) @ W^T for a packed W (see `quant.QuantizedWeight`), in x's dtype: the C
-    kernel where it is built, else the float reference, which is also what runs when a
-    gradient must flow back to x (e.g. adapters trained over a quantized base): the kernel
-    has no backward."""
+    kernel where it is built, else the float reference. When a gradient must flow back to x
+    (adapters trained over a quantized base) the float numerics run, with a backward that
+    never holds W in float32 (`_FrozenWeightMatmul`)."""
     lead, k = x.shape[:-1], x.shape[-1]
-    if not native_available(x) or (x.requires_grad and torch.is_grad_enabled()):
+    if x.requires_grad and torch.is_grad_enabled():
+        y = _FrozenWeightMatmul.apply(x.reshape(-1, k).to(torch.float32).contiguous(), codes, scales, mins, scheme,
+                                      group_size)
+        return y.view(*lead, codes.shape[0]).to(x.dtype)
+    if not native_available(x):
         qw = QuantizedWeight(scheme, codes, scales, mins, (codes.shape[0], k), group_size)
         return reference_matmul(x, qw, quantized_activations=False)
     x2 = x.reshape(-1, k)

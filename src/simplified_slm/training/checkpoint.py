@@ -29,8 +29,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from simplified_slm.errors import SLMError
-from simplified_slm.training.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, has_lora, load_adapter_weights,
-                                          named_adapter, save_adapter)
+from simplified_slm.training.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_QUANTIZATION, base_quantization,
+                                          has_lora, load_adapter_weights, named_adapter, save_adapter)
 from simplified_slm.utils.io import atomic_write, atomic_write_json, fsync_dir, sha256_file, swap_dir
 
 MANIFEST = "manifest.json"
@@ -290,6 +290,9 @@ def save_training_files(directory: Path, model: torch.nn.Module, tokenizer: Any,
     if has_lora(model):  # + the run's model config; the base weights stay at base_model_name_or_path
         save_adapter(directory, *named_adapter(model), tokenizer=tokenizer)
         atomic_write_json(directory / "config.json", model.config.to_dict())
+        quantized = base_quantization(model)
+        if quantized:  # QLoRA: how the base is quantized again when the adapter is loaded
+            atomic_write_json(directory / BASE_QUANTIZATION, {"modules": quantized})
     else:
         model.save_pretrained(directory, tokenizer=tokenizer)
     torch.save(optimizer_state, directory / OPTIMIZER_FILE)

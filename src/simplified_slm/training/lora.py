@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
@@ -36,6 +37,7 @@ from simplified_slm.utils.io import atomic_write
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # what PeftModel puts before the wrapped model's names
+BASE_QUANTIZATION = "base_quantization.json"  # a QLoRA adapter's quantized base (`base_quantization`)
 BASE_DIR = "base"  # <run>/base: the frozen weights of a LoRA run that did not start from a folder
 
 # every projection of the attention and the MLP; the LM head and embeddings stay frozen
@@ -50,12 +52,16 @@ DEFAULT_TARGETS = {
 class LoraSettings(ConfigBase):
     """`train.lora`: rank, scale (`alpha / r`), dropout on the adapter input, and the modules to
     adapt, by name or dotted suffix (`q_proj`, `attn.o_proj`); null: the family's default
-    (`DEFAULT_TARGETS`, else every Linear but the LM head)."""
+    (`DEFAULT_TARGETS`, else every Linear but the LM head). `quantize_base` (QLoRA): the
+    frozen base's linears and embeddings held packed in that scheme (`int4`, `int8`, `q4_0`,
+    `bf16`, ... with `quantize_group_size`), the adapters trained in float32 over it."""
 
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] | None = None
+    quantize_base: str | None = None
+    quantize_group_size: int = 32
 
     def validate(self) -> None:
         if self.r < 1:
@@ -66,6 +72,17 @@ class LoraSettings(ConfigBase):
             self._fail("dropout", f"must be in [0, 1), got {self.dropout}")
         if self.target_modules is not None and not self.target_modules:
             self._fail("target_modules", "is an empty list; name modules or use null for the family's default")
+        if self.quantize_base is not None:
+            from simplified_slm.models.quantization import resolve_scheme
+
+            try:
+                scheme = resolve_scheme(self.quantize_base)
+            except SLMError as err:
+                self._fail("quantize_base", str(err))
+            if scheme is None:
+                self._fail("quantize_base", f"{self.quantize_base!r} means float32; use null for a float base")
+        if self.quantize_group_size not in (32, 64, 128, 256):
+            self._fail("quantize_group_size", f"must be 32, 64, 128 or 256, got {self.quantize_group_size}")
 
 
 def _peft():
@@ -77,8 +94,10 @@ def _peft():
 
 
 def linear_names(model: nn.Module) -> list[str]:
-    """Full names of the model's Linear modules (what LoRA can adapt)."""
-    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    """Full names of the model's Linear modules, float or quantized (what LoRA can adapt)."""
+    from simplified_slm.layers.quantized import QuantizedLinear
+
+    return [name for name, module in model.named_modules() if isinstance(module, (nn.Linear, QuantizedLinear))]
 
 
 def _matches(name: str, target: str) -> bool:
@@ -108,7 +127,29 @@ def attach_lora(model: nn.Module, settings: LoraSettings, base: str | None = Non
     return _inject(model, config)
 
 
+@functools.cache
+def _quantized_lora_linear() -> type:
+    """peft's LoRA Linear over our `QuantizedLinear` (QLoRA), registered with peft as a
+    custom module: its forward (base(x) + B A x * scale) serves as is, but peft cannot read
+    the sizes of a layer it does not know, and would cast the adapter to a bf16 base's
+    storage dtype, where our quantized matmul computes in float32."""
+    from peft.tuners.lora import Linear
+
+    class QuantizedLoraLinear(Linear):
+        def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+            return module.in_features, module.out_features
+
+        def _get_base_layer_device_and_dtype(self, base_layer: nn.Module) -> tuple[torch.device, torch.dtype]:
+            return base_layer.packed_codes.device, torch.float32
+
+    return QuantizedLoraLinear
+
+
 def _inject(model: nn.Module, config: Any) -> nn.Module:
+    from simplified_slm.layers.quantized import QuantizedLinear
+
+    if any(isinstance(module, QuantizedLinear) for module in model.modules()):
+        config._register_custom_module({QuantizedLinear: _quantized_lora_linear()})
     model = _peft().inject_adapter_in_model(config, model)
     model.lora_config = config  # what save_adapter writes
     for name, param in model.named_parameters():
@@ -221,14 +262,30 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def unload_lora(model: nn.Module, merge: bool = False) -> nn.Module:
     """Put each adapted layer's base layer back in its place (folding the adapter in first
-    with `merge`); without it the result is the frozen base model."""
+    with `merge`); without it the result is the frozen base model. A quantized (QLoRA) base
+    comes back dequantized to float32: the weights the adapter was trained with."""
+    from simplified_slm.layers.quantized import QuantizedLinear
+    from simplified_slm.models.quantization import dequantize_in_place
+
     for name, layer in lora_layers(model).items():
+        base = layer.get_base_layer()
+        if isinstance(base, QuantizedLinear):  # QLoRA: the float weights the adapter was trained against
+            layer.base_layer = base = _dequantized_linear(base)
         if merge:
             layer.merge(safe_merge=True)
         parent_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, layer.get_base_layer())
+        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, base)
     model.lora_config = None
-    return model
+    return dequantize_in_place(model)  # the rest of a quantized base (untargeted linears, embeddings)
+
+
+def _dequantized_linear(layer: Any) -> nn.Linear:
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                       device=layer.packed_codes.device)
+    linear.weight = nn.Parameter(layer.dequantized_weight(), requires_grad=False)
+    if layer.bias is not None:
+        linear.bias = nn.Parameter(layer.bias.float().clone(), requires_grad=False)
+    return linear
 
 
 def load_base_weights(model: nn.Module, base: str | Path) -> None:
@@ -264,7 +321,34 @@ def prepare_lora_run(model: nn.Module, settings: LoraSettings, run_dir: Path, st
         if is_main:
             model.save_pretrained(base_dir, tokenizer=tokenizer)
         base = str(base_dir)
+    if settings.quantize_base is not None:  # QLoRA: the frozen weights packed, after any float copy is saved
+        from simplified_slm.models.quantization import quantize_in_place
+
+        quantize_in_place(model, settings.quantize_base, settings.quantize_group_size)
     return attach_lora(model, settings, base=str(Path(base).resolve()))
+
+
+def base_quantization(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The quantized base of a QLoRA model as `models.quantization.quantization_record` gives
+    it, under the module names of the unadapted model; empty for a float base."""
+    from simplified_slm.models.quantization import quantization_record
+
+    return {name.replace(".base_layer", ""): {**entry, **({"tied": entry["tied"].replace(".base_layer", "")}
+                                                          if "tied" in entry else {})}
+            for name, entry in quantization_record(model).items()}
+
+
+def quantize_base_as_recorded(model: nn.Module, record: dict[str, dict[str, Any]], where: str) -> None:
+    """Quantize a float base the way a QLoRA run did (`base_quantization` of its model)."""
+    from simplified_slm.models.quantization import quantization_record, quantize_in_place
+
+    kinds = {(entry["scheme"], entry["group_size"]) for entry in record.values()}
+    scheme, group_size = next(iter(kinds))
+    if len(kinds) == 1:
+        quantize_in_place(model, scheme, group_size or 32)
+    if len(kinds) != 1 or quantization_record(model) != record:
+        raise SLMError(f"{where} records a quantized LoRA base this model cannot be quantized to again; "
+                       "it was written by another version, restore the checkpoint's own file")
 
 
 def load_adapted(directory: str | Path, device: torch.device | str = "cpu") -> nn.Module:
@@ -285,4 +369,11 @@ def load_adapted(directory: str | Path, device: torch.device | str = "cpu") -> n
         load_base_weights(model, base)
     else:
         model = load(base, device, quantize="none").model
+    record_path = directory / BASE_QUANTIZATION
+    if record_path.is_file():  # QLoRA: the base quantized as it was in training
+        try:
+            record = json.loads(record_path.read_text(encoding="utf-8"))["modules"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise SLMError(f"cannot read {record_path} ({type(err).__name__}); the adapter folder is damaged") from None
+        quantize_base_as_recorded(model, record, str(record_path))
     return load_adapter(model, directory).to(device)
