@@ -38,6 +38,7 @@ from simplified_slm.layers.quantized import (
 )
 from simplified_slm.models.config import ModelConfig
 from simplified_slm.ops.quant import FLOAT_SCHEMES, SCHEMES, QuantizedWeight, dequantize, quantize
+from simplified_slm.utils.memory import release_freed_memory
 
 QUANTIZATION_FILE = "quantization.json"
 SCHEME_ALIASES = {"int8": "q8_0", "int4": "q4_1"}
@@ -301,6 +302,7 @@ def quantize_rows(source: WeightSource, key: str, scheme: str, group_size: int) 
     rows, cols = source.shape(key)
     step = max(1, CHUNK_BYTES // (4 * cols))
     first = quantize(source.rows(key, 0, step), scheme, group_size)
+    release_freed_memory()  # the chunk's float temporaries, whichever thread's arena holds them
     if step >= rows:
         return first
     packed = [t.new_empty(rows, *t.shape[1:]) if t.numel() else t for t in (first.codes, first.scales, first.mins)]
@@ -309,6 +311,8 @@ def quantize_rows(source: WeightSource, key: str, scheme: str, group_size: int) 
         for whole, piece in zip(packed, (part.codes, part.scales, part.mins)):
             if piece.numel():
                 whole[start:start + piece.shape[0]] = piece
+        del part
+        release_freed_memory()
     return QuantizedWeight(scheme, *packed, (rows, cols), first.group_size)
 
 

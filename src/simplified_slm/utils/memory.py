@@ -1,6 +1,6 @@
 """Memory figures from the kernel: this process's peak resident memory (for memory goals
 and benchmark tables) and what a new allocation can still get (for refusing a config that
-cannot fit).
+cannot fit); and handing freed heap pages back to it.
 
 Why the peak is not `resource.getrusage(RUSAGE_SELF).ru_maxrss`: Linux carries it across
 execve, so a subprocess started by a large process (pytest late in the suite, a benchmark
@@ -10,6 +10,9 @@ peaked at 1.3 GB). /proc's VmHWM belongs to the process's own address space.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
 import resource
 import sys
@@ -45,3 +48,23 @@ def available_memory() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+@functools.cache
+def _malloc_trim() -> ctypes._CFuncPtr | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+def release_freed_memory() -> None:
+    """Return the pages of freed heap memory to the kernel (glibc's `malloc_trim`). A loop
+    that allocates and frees multi-MB temporaries on several threads otherwise leaves them
+    resident in per-thread arenas, by an amount that depends on thread timing: measured on
+    streamed int4 quantization of a 1.23B model, a peak of 1.17 GB on an idle machine and
+    1.68 GB beside two busy processes. A no-op where the C library has no `malloc_trim`."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
