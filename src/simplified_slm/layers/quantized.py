@@ -93,6 +93,15 @@ class QuantizedLinear(_Packed):
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize(self.packed((self.out_features, self.in_features)))
 
+    def to_linear(self) -> nn.Linear:
+        """The float32 `nn.Linear` this layer computes (its packed values expanded)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.packed_codes.device)
+        linear.weight = nn.Parameter(self.dequantized_weight())
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.float().clone())
+        return linear
+
     @property
     def qweight(self) -> torch.Tensor:
         """The packed codes under the name peft looks for on a quantized layer it wraps in a

@@ -79,13 +79,8 @@ def dequantize_in_place(model: nn.Module) -> nn.Module:
     for name in record:
         module = model.get_submodule(name)
         if isinstance(module, QuantizedLinear):
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                               device=module.packed_codes.device)
-            linear.weight = nn.Parameter(module.dequantized_weight())
-            if module.bias is not None:
-                linear.bias = nn.Parameter(module.bias.float().clone())
-            linears[name] = linear
-            replace_module(model, name, linear)
+            linears[name] = module.to_linear()
+            replace_module(model, name, linears[name])
     for name, entry in record.items():
         module = model.get_submodule(name)
         if isinstance(module, QuantizedEmbedding):

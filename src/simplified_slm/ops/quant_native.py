@@ -395,9 +395,9 @@ class _FrozenWeightMatmul(torch.autograd.Function):
                 scheme: str, group_size: int) -> torch.Tensor:
         ctx.save_for_backward(codes, scales, mins)
         ctx.scheme, ctx.group_size, ctx.k = scheme, group_size, x.shape[1]
-        qw = QuantizedWeight(scheme, codes, scales, mins, (codes.shape[0], x.shape[1]), group_size)
         if native_available(x):
             return _dequantized_matmul(x, codes, scales, mins, scheme, group_size)
+        qw = QuantizedWeight(scheme, codes, scales, mins, (codes.shape[0], x.shape[1]), group_size)
         return reference_matmul(x, qw, quantized_activations=False)
 
     @staticmethod

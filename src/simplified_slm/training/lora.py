@@ -270,22 +270,13 @@ def unload_lora(model: nn.Module, merge: bool = False) -> nn.Module:
     for name, layer in lora_layers(model).items():
         base = layer.get_base_layer()
         if isinstance(base, QuantizedLinear):  # QLoRA: the float weights the adapter was trained against
-            layer.base_layer = base = _dequantized_linear(base)
+            layer.base_layer = base = base.to_linear().requires_grad_(False)
         if merge:
             layer.merge(safe_merge=True)
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, base)
     model.lora_config = None
     return dequantize_in_place(model)  # the rest of a quantized base (untargeted linears, embeddings)
-
-
-def _dequantized_linear(layer: Any) -> nn.Linear:
-    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                       device=layer.packed_codes.device)
-    linear.weight = nn.Parameter(layer.dequantized_weight(), requires_grad=False)
-    if layer.bias is not None:
-        linear.bias = nn.Parameter(layer.bias.float().clone(), requires_grad=False)
-    return linear
 
 
 def load_base_weights(model: nn.Module, base: str | Path) -> None:
