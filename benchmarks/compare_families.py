@@ -3,7 +3,7 @@
 Each family trains for `--budget` seconds (`train.time_budget`, so every schedule completes)
 with `slm run` on the bundled TinyStories and is scored on the whole validation split in
 bits per byte, the one unit that compares tokenizers. The recipes start from the speedrun
-record's training settings (`configs/default.json`: 2048-token BPE, batch 16 x 256, AdamW,
+record's training settings (`configs/default.json`: 2048-token BPE, batch 8 x 256, AdamW,
 bf16) and set the family, its size and its peak learning rate, said beside each. Runs go one after another in subprocesses (a family
 never inherits another's threads or memory) and write `runs/compare_families/<name>`.
 
