@@ -13,7 +13,8 @@ from simplified_slm.training.config import ExperimentConfig, TrainConfig
 from simplified_slm.layers.quantized import QuantizedEmbedding, QuantizedLinear
 from simplified_slm.models.quantization import quantize_in_place
 from simplified_slm.training.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_QUANTIZATION, LoraSettings,
-                                          adapter_tensors, attach_lora, lora_layers, merge_lora)
+                                          adapter_tensors, attach_lora, lora_layers, merge_lora,
+                                          quantize_base_as_recorded)
 from simplified_slm.training.optim import build_optimizer
 from simplified_slm.training.step import StepSetup, TrainState, model_loss, train_step
 from simplified_slm.tokenizers import ByteTokenizer
@@ -176,3 +177,14 @@ def test_quantize_base_names_the_bad_scheme():
         LoraSettings(quantize_base="int3").validate()
     with pytest.raises(SLMError, match="quantize_base.*means float32"):
         LoraSettings(quantize_base="none").validate()
+    with pytest.raises(SLMError, match=r"quantize_group_size: must be one of \(32, 64, 128\), got 256"):
+        LoraSettings(quantize_base="int4", quantize_group_size=256).validate()  # what the packed layers take
+
+
+def test_a_recorded_base_it_cannot_rebuild_is_one_line():
+    model = family_model("llama", intermediate_size=256)
+    two_schemes = {"lm_head": {"scheme": "q4_1", "group_size": 32},
+                   "layers.0.mlp.up_proj": {"scheme": "q8_0", "group_size": 32}}
+    for record in ({}, two_schemes):  # an emptied file, and a mix one quantize_in_place cannot make
+        with pytest.raises(SLMError, match="base_quantization.json records a quantized LoRA base this model cannot"):
+            quantize_base_as_recorded(model, record, "run/base_quantization.json")

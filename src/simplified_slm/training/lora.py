@@ -32,6 +32,7 @@ from torch import nn
 
 from simplified_slm.configbase import ConfigBase
 from simplified_slm.errors import SLMError
+from simplified_slm.ops.quant import GROUP_SIZES
 from simplified_slm.utils.io import atomic_write
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -81,8 +82,8 @@ class LoraSettings(ConfigBase):
                 self._fail("quantize_base", str(err))
             if scheme is None:
                 self._fail("quantize_base", f"{self.quantize_base!r} means float32; use null for a float base")
-        if self.quantize_group_size not in (32, 64, 128, 256):
-            self._fail("quantize_group_size", f"must be 32, 64, 128 or 256, got {self.quantize_group_size}")
+        if self.quantize_group_size not in GROUP_SIZES:  # the group sizes the packed layouts take
+            self._fail("quantize_group_size", f"must be one of {GROUP_SIZES}, got {self.quantize_group_size}")
 
 
 def _peft():
@@ -334,8 +335,8 @@ def quantize_base_as_recorded(model: nn.Module, record: dict[str, dict[str, Any]
     from simplified_slm.models.quantization import quantization_record, quantize_in_place
 
     kinds = {(entry["scheme"], entry["group_size"]) for entry in record.values()}
-    scheme, group_size = next(iter(kinds))
     if len(kinds) == 1:
+        [(scheme, group_size)] = kinds
         quantize_in_place(model, scheme, group_size or 32)
     if len(kinds) != 1 or quantization_record(model) != record:
         raise SLMError(f"{where} records a quantized LoRA base this model cannot be quantized to again; "
