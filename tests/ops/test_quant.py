@@ -3,6 +3,7 @@ kernel against the pure-PyTorch reference."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import gguf
@@ -122,6 +123,24 @@ def test_kernel_matches_the_reference(scheme, shape):
             x = torch.randn(m, cols, generator=gen)
             got = quant_native.quantized_matmul(x, qw.codes, qw.scales, qw.mins, scheme, qw.group_size)
             want = quant.reference_matmul(x, qw, quantized_activations=m <= quant_native.SMALL_BATCH)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("scheme", quant.SCHEMES)
+def test_portable_kernel_build_matches_the_reference(scheme, monkeypatch):
+    """The build without -march=native (what a CPU without AVX-512 VNNI compiles: the scalar
+    dot products, activation codes in natural order) computes the same numerics."""
+    if native_build.compiler() is None:
+        pytest.skip("no C compiler here")
+    portable = quant_native.build_library(quant_native._FLAG_SETS[1:], name="quant_portable")
+    monkeypatch.setattr(quant_native, "_library", functools.cache(lambda: portable))
+    gen = torch.Generator().manual_seed(3)
+    for rows, cols in SHAPES:
+        for group_size in ([32] if scheme in quant.FLOAT_SCHEMES else [g for g in (32, 128) if cols % g == 0]):
+            qw = quant.quantize(_weight(rows, cols, seed=rows), scheme, group_size)
+            x = torch.randn(3, cols, generator=gen)
+            got = quant_native.quantized_matmul(x, qw.codes, qw.scales, qw.mins, scheme, qw.group_size)
+            want = quant.reference_matmul(x, qw, quantized_activations=True)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 

@@ -6,15 +6,21 @@ PyTorch's own weight-only CPU ops are slower than float32 there (576x1536: fp32 
 `_weight_int8pack_mm` 509, `_weight_int4pack_mm_for_cpu` 853; see
 benchmarks/bench_quant_kernels.py). The kernel does what llama.cpp's vec_dot does: the
 activations are quantized to int8 per 32-block on the fly (llama.cpp's Q8_0), each
-block's dot product with the weight codes is one exact int32 VNNI `dpbusd` (4-bit codes
-are unsigned 0..15, so q4_0's -8 and q4_1's min become one per-block correction from
-the activation block's sum), then scaled in float. OpenMP threads split the output rows.
+block's dot product with the weight codes is exact int32 VNNI `dpbusd` (4-bit codes are
+unsigned 0..15 and q8_0's are biased by +128, so q4_0's -8, q4_1's min and the bias become
+one per-block correction from the activation block's sum), then scaled in float. Four
+blocks per 512-bit step: the activation codes are stored in the order the 4-bit weights
+unpack, so the per-row work is a load, a nibble split, two `dpbusd` and one FMA per 128
+weights; the per-row scale vector is permuted, not rebuilt, per step. Each weight row is
+unpacked once for up to 4 activation rows (prompts). OpenMP threads split the output rows.
 Its numerics are `reference_matmul(x, w, quantized_activations=True)` (equal up to float
 summation order). bf16/fp16 weights are widened to float32 in registers (exact).
 
-Batches above SMALL_BATCH rows (prefill, lm-eval) instead dequantize the weight to
-float32 in C (bit-identical to `quant.dequantize`) and call `torch.mm`: there the matmul is
-compute-bound and oneDNN's GEMM wins; the numerics are then `quantized_activations=False`.
+Batches above SMALL_BATCH rows (long prefill, lm-eval) instead dequantize the weight to
+float32 in C (bit-identical to `quant.dequantize`) and call `torch.mm`; the numerics are then
+`quantized_activations=False`. The int8 kernel wins up to well past 64 rows at SmolLM2's
+shapes (64 rows of the 49152x576 head: 26 ms against 67 ms), so prompts of chat length
+take it, as llama.cpp does for every batch; large evaluation batches keep the float path.
 
 Without a compiler, on another device, or with `SLM_QUANT_NATIVE=0`, the float reference
 (`x @ dequantize(W)^T`) runs instead. The op is registered with torch (see `_LIBRARY`) with
@@ -34,7 +40,7 @@ import torch
 from simplified_slm.ops.native_build import load_library
 from simplified_slm.ops.quant import BLOCK, QuantizedWeight, reference_grad_input, reference_matmul, row_slices
 
-SMALL_BATCH = 16  # rows of x up to which the int8 GEMV runs; above, dequantize + torch.mm
+SMALL_BATCH = 64  # rows of x up to which the int8 GEMV runs; above, dequantize + torch.mm
 _SCHEME_ID = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "bf16": 3, "fp16": 4}
 
 _SOURCE = r"""
@@ -82,143 +88,195 @@ static inline float bf16_to_float(uint16_t h) {
     return out;
 }
 
-/* One row of activations -> int8 codes, block scales d, and d * sum(codes) per block
-   (llama.cpp's Q8_0 rounding: d = max|x| / 127, codes rounded half away from zero). */
-static void quantize_row(const float *x, int64_t k, int8_t *q, float *d, float *dsum) {
-    for (int64_t b = 0; b < k / BLOCK; ++b) {
+/* Activation side of the int8 product, per row of x: int8 codes, and per 32-block the
+   scale d and the offset coefficient c (the weight scheme's zero point times d * sum(codes):
+   q4_1's mins multiply d * sum, q4_0's -8 d_w becomes -8 d * sum, and q8_0's codes enter
+   the unsigned-by-signed dot biased by +128, so -128 d * sum). Block arrays are padded with
+   zeros to whole chunks of 16 blocks, so every vector loop runs on full vectors: a zero
+   activation block cancels whatever weight bytes meet it. */
+#define CHUNK 16 /* blocks per 512-bit vector of float scales */
+
+static inline int64_t padded_blocks(int64_t blocks) { return (blocks + CHUNK - 1) / CHUNK * CHUNK; }
+
+static float zero_point(int scheme) { return scheme == Q4_0 ? -8.0f : scheme == Q8_0 ? -128.0f : 1.0f; }
+
+/* llama.cpp's Q8_0 for activations: d = max|x| / 127, codes rounded half away from zero
+   (as sign(v) floor(|v| + 0.5), which `quant.quantize_activations` computes too). With
+   QUAD_ORDER the codes of each 4 blocks are stored in the order their 4-bit weights unpack
+   (see dot_row): [lows of blocks 0-3 | highs of blocks 0-3], 16 codes each. */
+static void quantize_activations(int scheme, const float *x, int64_t k, int8_t *q, float *d, float *c) {
+    int64_t blocks = k / BLOCK;
+    float zp = zero_point(scheme);
+    for (int64_t b = 0; b < blocks; ++b) {
         const float *xb = x + b * BLOCK;
+        int8_t codes[BLOCK];
+        int sum = 0;
+#ifdef QK_VNNI512
+        __m512 lo = _mm512_loadu_ps(xb), hi = _mm512_loadu_ps(xb + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+        float scale = amax / 127.0f, inv = scale != 0.0f ? 1.0f / scale : 0.0f;
+        __m512 vinv = _mm512_set1_ps(inv), half = _mm512_set1_ps(0.5f);
+        for (int h = 0; h < 2; ++h) {
+            __m512 v = _mm512_mul_ps(h ? hi : lo, vinv);
+            __m512 r = _mm512_roundscale_ps(_mm512_add_ps(_mm512_abs_ps(v), half), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+            __m512i qi = _mm512_cvttps_epi32(_mm512_or_ps(r, _mm512_and_ps(v, _mm512_set1_ps(-0.0f))));
+            sum += _mm512_reduce_add_epi32(qi);
+            _mm_storeu_si128((__m128i *)(codes + 16 * h), _mm512_cvtsepi32_epi8(qi));
+        }
+#else
         float amax = 0.0f;
         for (int i = 0; i < BLOCK; ++i) amax = fmaxf(amax, fabsf(xb[i]));
         float scale = amax / 127.0f, inv = scale != 0.0f ? 1.0f / scale : 0.0f;
-        int sum = 0;
         for (int i = 0; i < BLOCK; ++i) {
-            int v = (int)roundf(xb[i] * inv);
-            q[b * BLOCK + i] = (int8_t)v;
-            sum += v;
+            float v = xb[i] * inv, r = floorf(fabsf(v) + 0.5f);
+            codes[i] = (int8_t)(v < 0.0f ? -r : r);
+            sum += codes[i];
         }
+#endif
+#ifdef QK_VNNI512
+        if (scheme != Q8_0) {
+            int8_t *quad = q + (b / 4) * 4 * BLOCK + (b % 4) * (BLOCK / 2);
+            memcpy(quad, codes, BLOCK / 2);
+            memcpy(quad + 2 * BLOCK, codes + BLOCK / 2, BLOCK / 2);
+        } else
+#endif
+            memcpy(q + b * BLOCK, codes, BLOCK);
         d[b] = scale;
-        dsum[b] = scale * (float)sum;
+        c[b] = zp * scale * (float)sum;
     }
 }
 
+/* The float32 weight scales (and q4_1 mins) of up to 16 blocks from `first`; zeros past `blocks`. */
+static void block_params(const uint16_t *h, int64_t first, int64_t blocks, int64_t per_group, float *out) {
+    for (int j = 0; j < CHUNK; ++j)
+        out[j] = first + j < blocks ? half_to_float(h[(first + j) / per_group]) : 0.0f;
+}
 
-/* s[b] = d_w(b) * d_x(b): one float scale per 32-block of this row and activation row */
-static void block_scales(const uint16_t *sw, const float *dx, int64_t blocks, int64_t per_group, float *s) {
-    int64_t b = 0;
 #ifdef QK_VNNI512
+static inline __m512 chunk_params(const uint16_t *h, int64_t first, int64_t blocks, int64_t per_group) {
+    int64_t n = blocks - first < CHUNK ? blocks - first : CHUNK;
     if (per_group == 1)
-        for (; b + 16 <= blocks; b += 16)
-            _mm512_storeu_ps(s + b, _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sw + b))),
-                                                  _mm512_loadu_ps(dx + b)));
-#endif
-    for (; b < blocks; ++b) s[b] = half_to_float(sw[b / per_group]) * dx[b];
+        return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), h + first));
+    float f[CHUNK];
+    block_params(h, first, blocks, per_group, f);
+    return _mm512_loadu_ps(f);
 }
 
-/* 4-bit offsets: sum_b c_b * d_x(b) * sum(x_q in b), c = m (q4_1) or -8 d (q4_0) */
-static float block_offsets(const uint16_t *sw, const uint16_t *mw, const float *dxs, int64_t blocks, int64_t per_group) {
-    int64_t b = 0;
-    float acc = 0.0f;
-#ifdef QK_VNNI512
-    if (per_group == 1) {
-        __m512 v = _mm512_setzero_ps();
-        for (; b + 16 <= blocks; b += 16) {
-            __m512 c = mw ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mw + b)))
-                          : _mm512_mul_ps(_mm512_set1_ps(-8.0f), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sw + b))));
-            v = _mm512_fmadd_ps(c, _mm512_loadu_ps(dxs + b), v);
+static inline __mmask64 byte_mask(int64_t n) { return n >= 64 ? ~(__mmask64)0 : n <= 0 ? 0 : (((__mmask64)1 << n) - 1); }
+
+/* One weight row against up to TILE activation rows (x row i at offset i * padded blocks):
+   out[i] = sum_b d_w d_x dot(codes) + sum_b c_w c_x. Four 32-blocks per step. 4-bit: their
+   64 code bytes split into low and high nibbles, two dpbusd against the activation codes
+   stored in the same order, so int32 lane j holds block j / 4's partial dot; q8_0: two
+   64-byte halves biased to unsigned (xor 0x80), lanes j / 8. Each step's partial dots are
+   scaled by a lane permutation of the chunk's 16 scales. The weight bytes are loaded and
+   unpacked once for all the tile's rows (a short prompt's rows share them). */
+#define TILE 4
+static inline __attribute__((always_inline)) void dot_tile(
+        int scheme, const uint8_t *w, const uint16_t *sw, const uint16_t *mw, const int8_t *xq, const float *dx,
+        const float *cx, int64_t padded, int64_t blocks, int64_t per_group, const int rows, float *out) {
+    const __m512i low = _mm512_set1_epi8(0x0F), bias = _mm512_set1_epi8((char)0x80);
+    const __m512i quad_lanes = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m512i pair_lanes = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m512 acc[TILE], acc1[TILE], s[TILE];
+    _Pragma("GCC unroll 4") for (int i = 0; i < rows; ++i) acc[i] = acc1[i] = _mm512_setzero_ps();
+    int64_t bytes_per_block = scheme == Q8_0 ? BLOCK : BLOCK / 2;
+    for (int64_t first = 0; first < blocks; first += CHUNK) {
+        __m512 dw = chunk_params(sw, first, blocks, per_group);
+        __m512 coef = mw ? chunk_params(mw, first, blocks, per_group) : dw;
+        _Pragma("GCC unroll 4") for (int i = 0; i < rows; ++i) {
+            s[i] = _mm512_mul_ps(dw, _mm512_loadu_ps(dx + i * padded + first));
+            acc1[i] = _mm512_fmadd_ps(coef, _mm512_loadu_ps(cx + i * padded + first), acc1[i]);
         }
-        acc = _mm512_reduce_add_ps(v);
-    }
-#endif
-    for (; b < blocks; ++b)
-        acc += (mw ? half_to_float(mw[b / per_group]) : -8.0f * half_to_float(sw[b / per_group])) * dxs[b];
-    return acc;
-}
-
-#ifdef QK_VNNI512
-/* [s(b) x 8 | s(b + 1) x 8]: the scales of the two blocks one 512-bit dot covers */
-#define PAIR_SCALES(s, b) _mm512_insertf32x8(_mm512_set1_ps((s)[b]), _mm256_set1_ps((s)[(b) + 1]), 1)
-
-static inline __m512i pair_dot_q8(const int8_t *w, const int8_t *xq) {
-    __m512i wv = _mm512_loadu_si512(w), xv = _mm512_loadu_si512(xq);
-    /* dpbusd multiplies unsigned by signed: |w| times x with w's sign */
-    __m512i sx = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), _mm512_setzero_si512(), xv);
-    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(wv), sx);
-}
-
-static inline __m512i pair_dot_q4(const uint8_t *w, const int8_t *xq) {
-    const __m256i low = _mm256_set1_epi8(0x0F);
-    __m256i bytes = _mm256_loadu_si256((const __m256i *)w);  /* 16 bytes of block b, 16 of b + 1 */
-    __m512i codes = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(bytes, low)),
-                                       _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low), 1);
-    /* lanes [b lo, b+1 lo, b hi, b+1 hi] -> [b lo, b hi, b+1 lo, b+1 hi]: weights 0..63 in order */
-    codes = _mm512_shuffle_i64x2(codes, codes, _MM_SHUFFLE(3, 1, 2, 0));
-    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_loadu_si512(xq));
-}
-#endif
-
-#ifdef QK_VNNI
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-#endif
-
-/* sum_b s_b * dot(w codes of block b, x codes of block b); q4 codes are unsigned 0..15 */
-static float dot_blocks(int scheme, const void *w, const int8_t *xq, const float *s, int64_t blocks) {
-    int64_t b = 0;
-    float acc = 0.0f;
-    const int8_t *w8 = (const int8_t *)w;
-    const uint8_t *w4 = (const uint8_t *)w;
-#ifdef QK_VNNI512
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();  /* two chains of FMAs */
-    if (scheme == Q8_0) {
-        for (; b + 4 <= blocks; b += 4) {
-            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pair_dot_q8(w8 + b * BLOCK, xq + b * BLOCK)), PAIR_SCALES(s, b), acc0);
-            acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pair_dot_q8(w8 + (b + 2) * BLOCK, xq + (b + 2) * BLOCK)),
-                                   PAIR_SCALES(s, b + 2), acc1);
-        }
-    } else {
-        for (; b + 4 <= blocks; b += 4) {
-            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pair_dot_q4(w4 + b * BLOCK / 2, xq + b * BLOCK)), PAIR_SCALES(s, b), acc0);
-            acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pair_dot_q4(w4 + (b + 2) * BLOCK / 2, xq + (b + 2) * BLOCK)),
-                                   PAIR_SCALES(s, b + 2), acc1);
+        int64_t last = blocks - first < CHUNK ? blocks : first + CHUNK;
+        for (int64_t b = first; b < last; b += 4) {
+            const uint8_t *wb = w + b * bytes_per_block;
+            const int8_t *xb = xq + b * BLOCK;
+            int64_t left = (last - b) * bytes_per_block;  /* weight bytes of this row from b */
+            __m512i q = _mm512_set1_epi32((int32_t)(b - first));
+            if (scheme == Q8_0) {
+                __m512i w0 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(byte_mask(left), wb), bias);
+                __m512i w1 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(byte_mask(left - 64), wb + 64), bias);
+                __m512i p0 = _mm512_add_epi32(pair_lanes, q), p1 = _mm512_add_epi32(p0, _mm512_set1_epi32(2));
+                _Pragma("GCC unroll 4") for (int i = 0; i < rows; ++i) {
+                    const int8_t *xi = xb + i * padded * BLOCK;
+                    __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(xi));
+                    __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w1, _mm512_loadu_si512(xi + 64));
+                    acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_permutexvar_ps(p0, s[i]), acc[i]);
+                    acc1[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_permutexvar_ps(p1, s[i]), acc1[i]);
+                }
+            } else {
+                __m512i bytes = _mm512_maskz_loadu_epi8(byte_mask(left), wb);
+                __m512i lo = _mm512_and_si512(bytes, low), hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low);
+                __m512i pq = _mm512_add_epi32(quad_lanes, q);
+                _Pragma("GCC unroll 4") for (int i = 0; i < rows; ++i) {
+                    const int8_t *xi = xb + i * padded * BLOCK;
+                    __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xi)),
+                                                      hi, _mm512_loadu_si512(xi + 64));
+                    __m512 f = _mm512_cvtepi32_ps(dot), sq = _mm512_permutexvar_ps(pq, s[i]);
+                    if ((b - first) & 4) acc1[i] = _mm512_fmadd_ps(f, sq, acc1[i]);  /* two FMA chains */
+                    else acc[i] = _mm512_fmadd_ps(f, sq, acc[i]);
+                }
+            }
         }
     }
-    acc = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-#endif
-#ifdef QK_VNNI
-    __m256 tail = _mm256_setzero_ps();
-    const __m128i low = _mm_set1_epi8(0x0F);
-    for (; b < blocks; ++b) {
-        __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * BLOCK)), dot;
-        if (scheme == Q8_0) {
-            __m256i wv = _mm256_loadu_si256((const __m256i *)(w8 + b * BLOCK));
-            dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-        } else {
-            __m128i bytes = _mm_loadu_si128((const __m128i *)(w4 + b * BLOCK / 2));
-            __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low), _mm_and_si128(bytes, low));
-            dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), codes, xv);
-        }
-        tail = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(s[b]), tail);
+    _Pragma("GCC unroll 4") for (int i = 0; i < rows; ++i) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i], acc1[i]));
+}
+
+/* One weight row against all m activation rows, TILE at a time: y[i * n] for each i. */
+static void dot_rows(int scheme, const uint8_t *w, const uint16_t *sw, const uint16_t *mw, const int8_t *xq,
+                     const float *dx, const float *cx, int64_t padded, int64_t blocks, int64_t per_group, int64_t m,
+                     float *y, int64_t n) {
+    float out[TILE];
+    if (m == 1) {  /* decode: its own copy, laid out for the one row */
+        dot_tile(scheme, w, sw, mw, xq, dx, cx, padded, blocks, per_group, 1, out);
+        y[0] = out[0];
+        return;
     }
-    acc += hsum8(tail);
+    for (int64_t i = 0; i < m; i += TILE) {
+        const int8_t *xi = xq + i * padded * BLOCK;
+        const float *dxi = dx + i * padded, *cxi = cx + i * padded;
+        int rows = m - i < TILE ? (int)(m - i) : TILE;
+        switch (rows) {  /* each case a specialised copy, its accumulators in registers */
+            case 1: dot_tile(scheme, w, sw, mw, xi, dxi, cxi, padded, blocks, per_group, 1, out); break;
+            case 2: dot_tile(scheme, w, sw, mw, xi, dxi, cxi, padded, blocks, per_group, 2, out); break;
+            case 3: dot_tile(scheme, w, sw, mw, xi, dxi, cxi, padded, blocks, per_group, 3, out); break;
+            default: dot_tile(scheme, w, sw, mw, xi, dxi, cxi, padded, blocks, per_group, TILE, out); break;
+        }
+        for (int t = 0; t < rows; ++t) y[(i + t) * n] = out[t];
+    }
+}
 #else
-    for (; b < blocks; ++b) {
-        const int8_t *xb = xq + b * BLOCK;
-        int32_t dot = 0;
-        if (scheme == Q8_0) {
-            for (int i = 0; i < BLOCK; ++i) dot += (int32_t)w8[b * BLOCK + i] * xb[i];
-        } else {
-            const uint8_t *wb = w4 + b * BLOCK / 2;
-            for (int i = 0; i < BLOCK / 2; ++i) dot += (wb[i] & 0x0F) * xb[i] + (wb[i] >> 4) * xb[i + BLOCK / 2];
+static float dot_row(int scheme, const uint8_t *w, const uint16_t *sw, const uint16_t *mw, const int8_t *xq,
+                     const float *dx, const float *cx, int64_t blocks, int64_t per_group) {
+    float acc = 0.0f, params[CHUNK], mins[CHUNK];
+    for (int64_t first = 0; first < blocks; first += CHUNK) {
+        block_params(sw, first, blocks, per_group, params);
+        if (mw) block_params(mw, first, blocks, per_group, mins);
+        for (int64_t b = first; b < blocks && b < first + CHUNK; ++b) {
+            const int8_t *xb = xq + b * BLOCK;
+            int32_t dot = 0;
+            if (scheme == Q8_0) {
+                for (int i = 0; i < BLOCK; ++i) dot += ((int32_t)((const int8_t *)w)[b * BLOCK + i] + 128) * xb[i];
+            } else {
+                const uint8_t *wb = w + b * BLOCK / 2;
+                for (int i = 0; i < BLOCK / 2; ++i) dot += (wb[i] & 0x0F) * xb[i] + (wb[i] >> 4) * xb[i + BLOCK / 2];
+            }
+            float p = params[b - first];
+            acc += (float)dot * p * dx[b] + (mw ? mins[b - first] : p) * cx[b];
         }
-        acc += (float)dot * s[b];
     }
-#endif
     return acc;
 }
+
+static void dot_rows(int scheme, const uint8_t *w, const uint16_t *sw, const uint16_t *mw, const int8_t *xq,
+                     const float *dx, const float *cx, int64_t padded, int64_t blocks, int64_t per_group, int64_t m,
+                     float *y, int64_t n) {
+    for (int64_t i = 0; i < m; ++i)
+        y[i * n] = dot_row(scheme, w, sw, mw, xq + i * padded * BLOCK, dx + i * padded, cx + i * padded, blocks,
+                           per_group);
+}
+#endif
 
 static float dot_half(int scheme, const uint16_t *w, const float *x, int64_t k) {
     int64_t i = 0;
@@ -237,16 +295,11 @@ static float dot_half(int scheme, const uint16_t *w, const float *x, int64_t k) 
     return acc;
 }
 
-static int team(int64_t n, int64_t k, int threads) {
-    /* waking a second thread costs a few microseconds: not worth it for a tiny matrix */
-    return n * k < 32768 ? 1 : threads;
-}
-
 /* y (m, n) = x (m, k) @ W^T for W (n, k) in `scheme`; m is small (decode, short prompts). */
 int quant_gemv(int scheme, const void *codes, const uint16_t *scales, const uint16_t *mins,
                const float *x, float *y, int64_t m, int64_t n, int64_t k, int64_t group, int threads) {
-    int64_t blocks = k / BLOCK, per_group = group / BLOCK;
-    int use = team(n, k, threads);
+    /* a second thread is not worth its wake-up for a tiny matrix */
+    int use = n * k < 32768 ? 1 : threads;
     if (scheme == BF16 || scheme == FP16) {
         #pragma omp parallel for num_threads(use) if(use > 1) schedule(static)
         for (int64_t r = 0; r < n; ++r)
@@ -254,24 +307,19 @@ int quant_gemv(int scheme, const void *codes, const uint16_t *scales, const uint
                 y[i * n + r] = dot_half(scheme, (const uint16_t *)codes + r * k, x + i * k, k);
         return 0;
     }
-    int8_t *xq = malloc((size_t)(m * k));
-    float *dx = malloc(sizeof(float) * (size_t)(2 * m * blocks));
+    int64_t blocks = k / BLOCK, padded = padded_blocks(blocks), per_group = group / BLOCK;
+    int8_t *xq = calloc((size_t)(m * padded * BLOCK), 1);
+    float *dx = calloc((size_t)(2 * m * padded), sizeof(float));
     if (!xq || !dx) { free(xq); free(dx); return 1; }
-    float *dxs = dx + m * blocks;
-    for (int64_t i = 0; i < m; ++i) quantize_row(x + i * k, k, xq + i * k, dx + i * blocks, dxs + i * blocks);
+    float *cx = dx + m * padded;
+    for (int64_t i = 0; i < m; ++i)
+        quantize_activations(scheme, x + i * k, k, xq + i * padded * BLOCK, dx + i * padded, cx + i * padded);
+    int64_t row_bytes = scheme == Q8_0 ? k : k / 2, row_groups = k / group;
     #pragma omp parallel for num_threads(use) if(use > 1) schedule(static)
     for (int64_t r = 0; r < n; ++r) {
-        const uint16_t *sw = scales + r * (k / group);
-        const uint16_t *mw = scheme == Q4_1 ? mins + r * (k / group) : 0;
-        const void *wr = scheme == Q8_0 ? (const void *)((const int8_t *)codes + r * k)
-                                        : (const void *)((const uint8_t *)codes + r * k / 2);
-        float s[blocks];
-        for (int64_t i = 0; i < m; ++i) {
-            block_scales(sw, dx + i * blocks, blocks, per_group, s);
-            float y_ri = dot_blocks(scheme, wr, xq + i * k, s, blocks);
-            if (scheme != Q8_0) y_ri += block_offsets(sw, mw, dxs + i * blocks, blocks, per_group);
-            y[i * n + r] = y_ri;
-        }
+        const uint8_t *w = (const uint8_t *)codes + r * row_bytes;
+        const uint16_t *sw = scales + r * row_groups, *mw = scheme == Q4_1 ? mins + r * row_groups : 0;
+        dot_rows(scheme, w, sw, mw, xq, dx, cx, padded, blocks, per_group, m, y + r, n);
     }
     free(xq);
     free(dx);
@@ -314,7 +362,12 @@ _FLAG_SETS = [[*_BASE_FLAGS, "-march=native", "-fopenmp"], [*_BASE_FLAGS, "-fope
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     """The built kernel library, or None when it cannot be had here (then PyTorch runs)."""
-    lib = load_library("quant", _SOURCE, _FLAG_SETS, "SLM_QUANT_NATIVE")
+    return build_library(_FLAG_SETS)
+
+
+def build_library(flag_sets: list[list[str]], name: str = "quant") -> ctypes.CDLL | None:
+    """The kernel built with the first flag set that compiles, its functions typed."""
+    lib = load_library(name, _SOURCE, flag_sets, "SLM_QUANT_NATIVE")
     if lib is None:
         return None
     ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
