@@ -23,13 +23,20 @@ from simplified_slm.layers.kv_cache import KVCache, resolve_kv_cache_dtype
 _COMPILED_STEPS: "weakref.WeakKeyDictionary[Any, Callable[..., Any]]" = weakref.WeakKeyDictionary()
 
 
+# Inductor's wrapper re-asserts the size and stride of every graph input on every call (~750
+# per SmolLM2 decode step, one Python call each) although dynamo's guards have just checked
+# them; without these asserts a compiled quantized decode step ran 6% faster (measured in
+# one process against the default, interleaved, same tokens).
+_STEP_OPTIONS = {"size_asserts": False, "alignment_asserts": False, "scalar_asserts": False}
+
+
 def compiled_step(model: Any) -> Callable[..., Any]:
     """`torch.compile(model)`; after one recompile torch makes the growing cache length a
     dynamic size, so later steps reuse the graph instead of compiling per token."""
     step = _COMPILED_STEPS.get(model)
     if step is None:
         _make_room_for_another_model()
-        step = _COMPILED_STEPS[model] = torch.compile(model)
+        step = _COMPILED_STEPS[model] = torch.compile(model, options=_STEP_OPTIONS)
     return step
 
 
