@@ -172,15 +172,48 @@ static inline __mmask64 byte_mask(int64_t n) { return n >= 64 ? ~(__mmask64)0 : 
    scaled by a lane permutation of the chunk's 16 scales. The weight bytes are loaded and
    unpacked once for all the tile's rows (a short prompt's rows share them). */
 #define TILE 4
+/* Blocks first + step .. + 3 (of which `left` remain in the chunk) for `rows` activation rows. */
+static inline __attribute__((always_inline)) void quad_step(
+        int scheme, const uint8_t *w, const int8_t *xq, int64_t first, int64_t step, int64_t left, int64_t padded,
+        const int rows, const __m512 *s, __m512 *acc, __m512 *acc1) {
+    const __m512i step_lanes = _mm512_set1_epi32((int32_t)step);
+    int64_t b = first + step;
+    if (scheme == Q8_0) {
+        const __m512i bias = _mm512_set1_epi8((char)0x80);
+        const __m512i pair_lanes = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        const uint8_t *wb = w + b * BLOCK;
+        __m512i w0 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(byte_mask(left * BLOCK), wb), bias);
+        __m512i w1 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(byte_mask(left * BLOCK - 64), wb + 64), bias);
+        __m512i p0 = _mm512_add_epi32(pair_lanes, step_lanes), p1 = _mm512_add_epi32(p0, _mm512_set1_epi32(2));
+        _Pragma("GCC unroll 4") for (int i = 0; i < rows; ++i) {
+            const int8_t *xi = xq + i * padded * BLOCK + b * BLOCK;
+            __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(xi));
+            __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w1, _mm512_loadu_si512(xi + 64));
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_permutexvar_ps(p0, s[i]), acc[i]);
+            acc1[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_permutexvar_ps(p1, s[i]), acc1[i]);
+        }
+    } else {
+        const __m512i low = _mm512_set1_epi8(0x0F);
+        const __m512i quad_lanes = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+        __m512i bytes = _mm512_maskz_loadu_epi8(byte_mask(left * BLOCK / 2), w + b * BLOCK / 2);
+        __m512i lo = _mm512_and_si512(bytes, low), hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low);
+        __m512i pq = _mm512_add_epi32(quad_lanes, step_lanes);
+        _Pragma("GCC unroll 4") for (int i = 0; i < rows; ++i) {
+            const int8_t *xi = xq + i * padded * BLOCK + b * BLOCK;
+            __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xi)),
+                                              hi, _mm512_loadu_si512(xi + 64));
+            __m512 f = _mm512_cvtepi32_ps(dot), sq = _mm512_permutexvar_ps(pq, s[i]);
+            if (step & 4) acc1[i] = _mm512_fmadd_ps(f, sq, acc1[i]);  /* two FMA chains */
+            else acc[i] = _mm512_fmadd_ps(f, sq, acc[i]);
+        }
+    }
+}
+
 static inline __attribute__((always_inline)) void dot_tile(
         int scheme, const uint8_t *w, const uint16_t *sw, const uint16_t *mw, const int8_t *xq, const float *dx,
         const float *cx, int64_t padded, int64_t blocks, int64_t per_group, const int rows, float *out) {
-    const __m512i low = _mm512_set1_epi8(0x0F), bias = _mm512_set1_epi8((char)0x80);
-    const __m512i quad_lanes = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    const __m512i pair_lanes = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     __m512 acc[TILE], acc1[TILE], s[TILE];
     _Pragma("GCC unroll 4") for (int i = 0; i < rows; ++i) acc[i] = acc1[i] = _mm512_setzero_ps();
-    int64_t bytes_per_block = scheme == Q8_0 ? BLOCK : BLOCK / 2;
     for (int64_t first = 0; first < blocks; first += CHUNK) {
         __m512 dw = chunk_params(sw, first, blocks, per_group);
         __m512 coef = mw ? chunk_params(mw, first, blocks, per_group) : dw;
@@ -188,36 +221,15 @@ static inline __attribute__((always_inline)) void dot_tile(
             s[i] = _mm512_mul_ps(dw, _mm512_loadu_ps(dx + i * padded + first));
             acc1[i] = _mm512_fmadd_ps(coef, _mm512_loadu_ps(cx + i * padded + first), acc1[i]);
         }
-        int64_t last = blocks - first < CHUNK ? blocks : first + CHUNK;
-        for (int64_t b = first; b < last; b += 4) {
-            const uint8_t *wb = w + b * bytes_per_block;
-            const int8_t *xb = xq + b * BLOCK;
-            int64_t left = (last - b) * bytes_per_block;  /* weight bytes of this row from b */
-            __m512i q = _mm512_set1_epi32((int32_t)(b - first));
-            if (scheme == Q8_0) {
-                __m512i w0 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(byte_mask(left), wb), bias);
-                __m512i w1 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(byte_mask(left - 64), wb + 64), bias);
-                __m512i p0 = _mm512_add_epi32(pair_lanes, q), p1 = _mm512_add_epi32(p0, _mm512_set1_epi32(2));
-                _Pragma("GCC unroll 4") for (int i = 0; i < rows; ++i) {
-                    const int8_t *xi = xb + i * padded * BLOCK;
-                    __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(xi));
-                    __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w1, _mm512_loadu_si512(xi + 64));
-                    acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_permutexvar_ps(p0, s[i]), acc[i]);
-                    acc1[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_permutexvar_ps(p1, s[i]), acc1[i]);
-                }
-            } else {
-                __m512i bytes = _mm512_maskz_loadu_epi8(byte_mask(left), wb);
-                __m512i lo = _mm512_and_si512(bytes, low), hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low);
-                __m512i pq = _mm512_add_epi32(quad_lanes, q);
-                _Pragma("GCC unroll 4") for (int i = 0; i < rows; ++i) {
-                    const int8_t *xi = xb + i * padded * BLOCK;
-                    __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xi)),
-                                                      hi, _mm512_loadu_si512(xi + 64));
-                    __m512 f = _mm512_cvtepi32_ps(dot), sq = _mm512_permutexvar_ps(pq, s[i]);
-                    if ((b - first) & 4) acc1[i] = _mm512_fmadd_ps(f, sq, acc1[i]);  /* two FMA chains */
-                    else acc[i] = _mm512_fmadd_ps(f, sq, acc[i]);
-                }
-            }
+        int64_t left = blocks - first;
+        if (left >= CHUNK) {  /* a whole chunk: four steps with constant lane indices and masks */
+            quad_step(scheme, w, xq, first, 0, CHUNK, padded, rows, s, acc, acc1);
+            quad_step(scheme, w, xq, first, 4, CHUNK - 4, padded, rows, s, acc, acc1);
+            quad_step(scheme, w, xq, first, 8, CHUNK - 8, padded, rows, s, acc, acc1);
+            quad_step(scheme, w, xq, first, 12, CHUNK - 12, padded, rows, s, acc, acc1);
+        } else {
+            for (int64_t step = 0; step < left; step += 4)
+                quad_step(scheme, w, xq, first, step, left - step, padded, rows, s, acc, acc1);
         }
     }
     _Pragma("GCC unroll 4") for (int i = 0; i < rows; ++i) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i], acc1[i]));
