@@ -101,9 +101,9 @@ static inline int64_t padded_blocks(int64_t blocks) { return (blocks + CHUNK - 1
 static float zero_point(int scheme) { return scheme == Q4_0 ? -8.0f : scheme == Q8_0 ? -128.0f : 1.0f; }
 
 /* llama.cpp's Q8_0 for activations: d = max|x| / 127, codes rounded half away from zero
-   (as sign(v) floor(|v| + 0.5), which `quant.quantize_activations` computes too). With
-   QUAD_ORDER the codes of each 4 blocks are stored in the order their 4-bit weights unpack
-   (see dot_row): [lows of blocks 0-3 | highs of blocks 0-3], 16 codes each. */
+   (as sign(v) floor(|v| + 0.5), which `quant.quantize_activations` computes too). On the
+   AVX-512 VNNI path, for 4-bit weights, the codes of each 4 blocks are stored in the order
+   those weights unpack (see quad_step): [lows of blocks 0-3 | highs of blocks 0-3], 16 each. */
 static void quantize_activations(int scheme, const float *x, int64_t k, int8_t *q, float *d, float *c) {
     int64_t blocks = k / BLOCK;
     float zp = zero_point(scheme);
