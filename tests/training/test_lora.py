@@ -12,6 +12,7 @@ from simplified_slm.models import CausalLM, load
 from simplified_slm.training.config import ExperimentConfig, TrainConfig
 from simplified_slm.layers.quantized import QuantizedEmbedding, QuantizedLinear
 from simplified_slm.models.quantization import quantize_in_place
+from simplified_slm.ops import quant_native
 from simplified_slm.training.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_QUANTIZATION, LoraSettings,
                                           adapter_tensors, attach_lora, lora_layers, merge_lora,
                                           quantize_base_as_recorded)
@@ -139,9 +140,9 @@ def test_qlora_trains_float_adapters_over_a_packed_base(scheme):
     assert adapted and all(isinstance(layer.get_base_layer(), QuantizedLinear) for layer in adapted.values())
 
     # merged: the dequantized base with the adapter folded in, the same function in float32
-    # (80 rows: above SMALL_BATCH the packed base multiplies in float too, not int8 activations)
+    # (more rows than SMALL_BATCH: there the packed base multiplies in float too, not int8 activations)
     model.eval()
-    x = torch.randint(0, 256, (8, 10))
+    x = torch.randint(0, 256, (quant_native.SMALL_BATCH // 10 + 1, 10))
     with torch.no_grad():
         want = model(x).logits
     merged = merge_lora(model)
@@ -166,7 +167,7 @@ def test_a_qlora_run_resumes_exactly_and_loads_with_its_base_quantized(tmp_path)
     # the same function as float base + adapter, up to 4-bit rounding; and merged exactly
     float_base = peft.PeftModel.from_pretrained(CausalLM.from_pretrained(whole.checkpoint.parent.parent / "base"),
                                                 str(ckpt)).eval()
-    x = torch.randint(0, loaded.config.vocab_size, (8, 12))  # > SMALL_BATCH rows: float numerics
+    x = torch.randint(0, loaded.config.vocab_size, (quant_native.SMALL_BATCH // 12 + 1, 12))  # float numerics
     with torch.no_grad():
         got = loaded(x).logits
         assert 0 < (got - float_base(input_ids=x).logits).abs().max() < 0.5

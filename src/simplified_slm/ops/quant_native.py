@@ -51,11 +51,9 @@ _SOURCE = r"""
 #if defined(__AVX2__) || defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX2__)
-#define QK_VNNI 1
-#endif
-#if defined(QK_VNNI) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__F16C__)
-#define QK_VNNI512 1 /* two 32-blocks per 512-bit step */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__) && defined(__AVX512DQ__) \
+    && defined(__F16C__)
+#define QK_VNNI512 1 /* four 32-blocks per 512-bit step; elsewhere the scalar dot products */
 #endif
 
 #define BLOCK 32
