@@ -155,6 +155,11 @@ def test_jsonl_records_and_missing_field_names_the_line(tmp_path):
     with pytest.raises(SLMError, match=r"bad\.jsonl: line 3 has no 'text' field "
                                        r"\(found: body\); .*text_field"):
         list(read_documents(bad))
+    odd_keys = tmp_path / "odd.jsonl"
+    odd_keys.write_text('{"\\n": 1, "body": 2}\n', encoding="utf-8")  # a key that is a newline
+    with pytest.raises(SLMError, match=r"\(found: \\n, body\)") as raised:
+        list(read_documents(odd_keys))
+    assert "\n" not in str(raised.value)  # still one line
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "one"}\n{"text": \n', encoding="utf-8")
     with pytest.raises(SLMError, match=r"broken\.jsonl:2: invalid JSON"):

@@ -274,7 +274,9 @@ def _record_documents(path: Path, records: Iterable[tuple[int, Any]], text_field
             problem = f"is {_JSON_TYPES.get(type(record), type(record).__name__)}, not an object"
         elif text_field not in record:
             reason = f"no '{text_field}' field"
-            problem = f"has no '{text_field}' field (found: {', '.join(map(str, record)) or 'no keys'})"
+            # keys as JSON spells them, unquoted: a key holding a newline must not break the line
+            keys = ", ".join(json.dumps(key, ensure_ascii=False)[1:-1] for key in record)
+            problem = f"has no '{text_field}' field (found: {keys or 'no keys'})"
         else:
             kind = _JSON_TYPES.get(type(value), type(value).__name__)
             reason = f"'{text_field}' is {kind}"
