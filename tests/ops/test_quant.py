@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
+import sys
 
 import gguf
 import numpy as np
@@ -192,11 +194,60 @@ def test_disabled_kernel_falls_back_to_the_float_reference(monkeypatch):
 
 
 @pytest.mark.parametrize("m", [1, quant_native.SMALL_BATCH + 1])
-def test_registered_op_passes_torch_opcheck(m):
+def test_registered_ops_pass_torch_opcheck(m):
     # schema, fake impl and real impl agree, as torch.compile relies on
     if not quant_native.native_available(torch.zeros(1)):
         pytest.skip("no C compiler here")
     qw = quant.quantize(_weight(24, 64), "q4_1", 32)
-    args = (torch.randn(m, 64), qw.codes, qw.scales, qw.mins, "q4_1", 32)
-    torch.library.opcheck(torch.ops.simplified_slm.quant_matmul.default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    x = torch.randn(m, 64)
+    if m <= quant_native.SMALL_BATCH:
+        op = torch.ops.simplified_slm.quant_gemv.default
+        args = (x, qw.codes, qw.scales, qw.mins, quant_native._SCHEME_ID["q4_1"], 32, quant_native._gemv_address())
+    else:
+        op, args = torch.ops.simplified_slm.dequantized_matmul.default, (x, qw.codes, qw.scales, qw.mins, "q4_1", 32)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_gemv_op_runs_the_cpp_impl_and_the_python_one_agrees():
+    """With a C++ compiler the GEMV op's impl is the C++ shim (the dispatch cost a decode
+    step pays ~210 times per token); the Python impl that serves without one gives the same
+    values from the same kernel."""
+    if native_build.cxx_compiler() is None or not quant_native.native_available(torch.zeros(1)):
+        pytest.skip("no C/C++ compiler here")
+    registrations = torch._C._dispatch_dump("simplified_slm::quant_gemv")
+    assert "quant_ops.cpp" in registrations, registrations
+    qw = quant.quantize(_weight(40, 128), "q4_0", 32)
+    x = torch.randn(5, 128)
+    args = (x, qw.codes, qw.scales, qw.mins, quant_native._SCHEME_ID["q4_0"], 32, quant_native._gemv_address())
+    assert torch.equal(torch.ops.simplified_slm.quant_gemv.default(*args), quant_native._gemv(*args))
+
+
+def test_gemv_op_refuses_tensors_it_cannot_read():
+    if native_build.cxx_compiler() is None or not quant_native.native_available(torch.zeros(1)):
+        pytest.skip("no C/C++ compiler here")
+    qw = quant.quantize(_weight(8, 64), "q8_0", 32)
+    with pytest.raises(RuntimeError, match="contiguous 2-D float32"):
+        torch.ops.simplified_slm.quant_gemv.default(torch.randn(64, 2).T, qw.codes, qw.scales, qw.mins, 0, 32,
+                                                    quant_native._gemv_address())
+
+
+def test_without_a_cpp_compiler_the_gemv_op_dispatches_through_python():
+    """The Python impl registers when the C++ shim cannot build; a fresh process, since a
+    process holds one impl per op."""
+    if not quant_native.native_available(torch.zeros(1)):
+        pytest.skip("no C compiler here")
+    script = """
+import torch
+from simplified_slm.ops import native_build, quant, quant_native
+native_build.cxx_compiler = lambda: None
+qw = quant.quantize(torch.randn(24, 64), "q4_1", 32)
+x = torch.randn(3, 64)
+with torch.no_grad():
+    got = quant_native.quantized_matmul(x, qw.codes, qw.scales, qw.mins, "q4_1", 32)
+want = quant.reference_matmul(x, qw, quantized_activations=True)
+torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+print("cpp" if "quant_ops.cpp" in torch._C._dispatch_dump("simplified_slm::quant_gemv") else "python")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "python"

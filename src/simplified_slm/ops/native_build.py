@@ -1,9 +1,12 @@
 """Build a small C kernel library on first use and load it through ctypes (HGRN scan,
-quantized GEMV).
+quantized GEMV), and the C++ shims that register such kernels as torch ops.
 
 Why C through ctypes rather than a torch C++ extension: the sources are plain C99 with no
 torch headers, so the compiler (`$CC`, else cc/gcc/clang) builds them in about a second
-instead of the ~45 s a torch extension takes, and no ninja is needed. Libraries are cached
+instead of the ~45 s a torch extension takes, and no ninja is needed. Where the dispatch
+cost of a Python-implemented op matters (the quantized GEMV, ~210 calls per decoded token),
+a few lines of C++ register the kernel with torch's dispatcher instead (`load_torch_ops`):
+only torch's own headers and `$CXX` (else c++/g++/clang++), ~7 s once. Libraries are cached
 under `$SLM_KERNEL_CACHE` (default `~/.cache/simplified_slm/kernels`), keyed by a hash of
 the source, flags, compiler version and (for `-march=native` builds) the CPU, and written
 atomically, so concurrent processes (DDP ranks) never load a half-written file. OpenMP
@@ -29,7 +32,15 @@ logger = logging.getLogger(__name__)
 
 
 def compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+    return _first_found(os.environ.get("CC"), "cc", "gcc", "clang")
+
+
+def cxx_compiler() -> str | None:
+    return _first_found(os.environ.get("CXX"), "c++", "g++", "clang++")
+
+
+def _first_found(*names: str | None) -> str | None:
+    for name in names:
         if name and shutil.which(name):
             return name
     return None
@@ -58,17 +69,18 @@ def _cpu_identity() -> str:
     return "\n".join(dict.fromkeys(wanted))
 
 
-def _build(cc: str, name: str, source: str, flag_sets: Sequence[Sequence[str]], target: Path) -> None:
+def _build(cc: str, name: str, source: str, flag_sets: Sequence[Sequence[str]], target: Path,
+           suffix: str = ".c", link: Sequence[str] = ()) -> None:
     """Compile with the first flag set that works into a temp file beside `target`, then
     rename: readers never see half a file."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src = Path(tmp) / f"{name.lower()}.c"
+        src = Path(tmp) / f"{name.lower()}{suffix}"
         src.write_text(source)
         built = Path(tmp) / target.name
         errors = []
         for flags in flag_sets:
-            result = subprocess.run([cc, *flags, str(src), "-o", str(built)], capture_output=True, text=True)
+            result = subprocess.run([cc, *flags, str(src), "-o", str(built), *link], capture_output=True, text=True)
             if result.returncode == 0:
                 os.replace(built, target)
                 return
@@ -90,14 +102,49 @@ def load_library(name: str, source: str, flag_sets: Sequence[Sequence[str]], dis
         logger.warning("no C compiler found: the %s kernel falls back to PyTorch (slower); install cc or gcc", name)
         return None
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
         native = any("-march=native" in flags for flags in flag_sets)
-        parts = [source, repr([list(f) for f in flag_sets]), version, _cpu_identity() if native else ""]
-        key = hashlib.sha256("\n".join(parts).encode()).hexdigest()
-        path = cache_dir() / f"{name.lower()}_{key[:16]}.so"
-        if not path.exists():
-            _build(cc, name, source, flag_sets, path)
+        path = _cached_build(cc, name, source, flag_sets, _cpu_identity() if native else "")
         return ctypes.CDLL(str(path))
     except OSError as err:
         logger.warning("%s C kernel unavailable (%s): falling back to PyTorch", name, err)
         return None
+
+
+def load_torch_ops(name: str, source: str, disable_env: str) -> bool:
+    """Build the C++ `source` (TORCH_LIBRARY_IMPL registrations) against this torch and load
+    it into the dispatcher; False (logged) when it cannot be had here, so the caller
+    registers its Python implementation instead."""
+    if os.environ.get(disable_env, "1") == "0" or sys.platform == "win32":
+        return False
+    cxx = cxx_compiler()
+    if cxx is None:
+        logger.warning("no C++ compiler found: the %s ops dispatch through Python (slower); install c++ or g++", name)
+        return False
+    import torch
+    import torch.utils.cpp_extension
+
+    torch_lib = str(Path(torch.__file__).parent / "lib")
+    common = ["-O2", "-shared", "-fPIC", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+              *(f"-I{p}" for p in torch.utils.cpp_extension.include_paths())]
+    flag_sets = [[*common, standard] for standard in ("-std=c++20", "-std=c++17")]
+    link = [f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-lc10", "-ltorch_cpu"]
+    try:
+        path = _cached_build(cxx, name, source, flag_sets, torch.__version__, suffix=".cpp", link=link)
+        torch.ops.load_library(str(path))
+        return True
+    except (OSError, RuntimeError) as err:
+        logger.warning("%s torch ops unavailable (%s): dispatching through Python (slower)", name, err)
+        return False
+
+
+def _cached_build(cc: str, name: str, source: str, flag_sets: Sequence[Sequence[str]], identity: str,
+                  suffix: str = ".c", link: Sequence[str] = ()) -> Path:
+    """The library built from `source`, compiled once per source, flags, compiler and
+    `identity` (the CPU for -march=native builds, the torch version for op shims)."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    parts = [source, repr([list(f) for f in flag_sets]), repr(list(link)), version, identity]
+    key = hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    path = cache_dir() / f"{name.lower()}_{key[:16]}.so"
+    if not path.exists():
+        _build(cc, name, source, flag_sets, path, suffix, link)
+    return path

@@ -23,9 +23,11 @@ shapes (64 rows of the 49152x576 head: 26 ms against 67 ms), so prompts of chat 
 take it, as llama.cpp does for every batch; large evaluation batches keep the float path.
 
 Without a compiler, on another device, or with `SLM_QUANT_NATIVE=0`, the float reference
-(`x @ dequantize(W)^T`) runs instead. The op is registered with torch (see `_LIBRARY`) with
-a fake impl, so `torch.compile` keeps it as one opaque call; eager calls skip the
-dispatcher (its Python overhead is paid ~200 times per decoded token).
+(`x @ dequantize(W)^T`) runs instead. Both paths are torch ops with fake impls (see
+`_LIBRARY`), so `torch.compile` keeps each as one opaque call. The GEMV op is implemented
+in C++ (`_OPS_SOURCE`), which calls the kernel straight from the dispatcher: ~2 us a call
+against ~6 us through a Python impl and ctypes, paid ~210 times per decoded token (+13%
+compiled decode tok/s). Without a C++ compiler the Python impl serves it.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from typing import Any
 
 import torch
 
-from simplified_slm.ops.native_build import load_library
+from simplified_slm.ops.native_build import load_library, load_torch_ops
 from simplified_slm.ops.quant import BLOCK, QuantizedWeight, reference_grad_input, reference_matmul, row_slices
 
 SMALL_BATCH = 64  # rows of x up to which the int8 GEMV runs; above, dequantize + torch.mm
@@ -387,22 +389,24 @@ def _library() -> ctypes.CDLL | None:
 
 
 def build_library(flag_sets: list[list[str]], name: str = "quant") -> ctypes.CDLL | None:
-    """The kernel built with the first flag set that compiles, its functions typed."""
+    """The kernel built with the first flag set that compiles, its dequantize typed (the GEMV
+    is called by address, see `_gemv_address`)."""
     lib = load_library(name, _SOURCE, flag_sets, "SLM_QUANT_NATIVE")
     if lib is None:
         return None
-    ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.quant_gemv.argtypes = [c_int] + [ptr] * 5 + [i64] * 4 + [c_int]
-    lib.quant_gemv.restype = c_int
-    lib.quant_dequantize.argtypes = [c_int] + [ptr] * 4 + [i64] * 3 + [c_int]
+    lib.quant_dequantize.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.quant_dequantize.restype = None
     return lib
 
 
 @torch.compiler.assume_constant_result
 def _built() -> bool:
-    """Whether the library is here; a constant for torch.compile, which cannot trace a build."""
-    return _library() is not None
+    """Whether the library is here (its GEMV op then registered); a constant for
+    torch.compile, which cannot trace a build."""
+    if _library() is None:
+        return False
+    _register_gemv()
+    return True
 
 
 def native_available(x: torch.Tensor) -> bool:
@@ -483,34 +487,85 @@ class _FrozenWeightMatmul(torch.autograd.Function):
         return gx, None, None, None, None, None
 
 
-def _matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-            scheme: str, group_size: int) -> torch.Tensor:
-    """y = x @ W^T for contiguous float32 x (M, K) and W's packed tensors."""
+_GEMV_TYPE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, *[ctypes.c_void_p] * 5, *[ctypes.c_int64] * 4, ctypes.c_int)
+
+
+@torch.compiler.assume_constant_result
+def _gemv_address() -> int:
+    """Where the current library's `quant_gemv` lies: the GEMV op calls the kernel it is
+    given, so a test that swaps in another build (the portable one) runs that build."""
+    return _function_address(_library())
+
+
+@functools.cache
+def _function_address(lib: ctypes.CDLL) -> int:
+    return ctypes.cast(lib.quant_gemv, ctypes.c_void_p).value
+
+
+def _gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, scheme: int,
+          group_size: int, kernel: int) -> torch.Tensor:
+    """The GEMV op's Python impl (when no C++ compiler built `_OPS_SOURCE`): y = x @ W^T for
+    contiguous float32 x (M <= SMALL_BATCH, K) by the kernel at address `kernel`."""
     m, k = x.shape
-    if m > SMALL_BATCH:
-        return _dequantized_matmul(x, codes, scales, mins, scheme, group_size)
     y = x.new_empty(m, codes.shape[0])
-    failed = _library().quant_gemv(_SCHEME_ID[scheme], codes.data_ptr(), scales.data_ptr(), mins.data_ptr(),
-                                   x.data_ptr(), y.data_ptr(), m, codes.shape[0], k, group_size or BLOCK,
-                                   torch.get_num_threads())
+    failed = _GEMV_TYPE(kernel)(scheme, codes.data_ptr(), scales.data_ptr(), mins.data_ptr(), x.data_ptr(),
+                                y.data_ptr(), m, codes.shape[0], k, group_size, torch.get_num_threads())
     if failed:
-        raise MemoryError(f"quant_gemv could not allocate {m * k} bytes of activation codes")
+        raise torch.OutOfMemoryError(f"quant_gemv could not allocate {m * k} bytes of activation codes")
     return y
 
 
-# Registered as a torch op with a fake (shape) impl, so torch.compile keeps it in its graph
-# as one opaque call. Through the low-level `torch.library.Library` rather than
-# `torch.library.custom_op`: a compiled decode step calls it ~200 times per token, and
-# custom_op's Python wrapper layers cost about twice the dispatch overhead (measured with
-# the benchmark's shapes). No autograd here: `_FrozenWeightMatmul` serves gradients.
+# The same impl in C++, checking what the Python wrapper guarantees (a direct call with
+# other tensors gets an error, not a crash).
+_OPS_SOURCE = r"""
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+typedef int (*gemv_fn)(int, const void *, const void *, const void *, const float *, float *,
+                       int64_t, int64_t, int64_t, int64_t, int);
+
+static at::Tensor quant_gemv(const at::Tensor &x, const at::Tensor &codes, const at::Tensor &scales,
+                             const at::Tensor &mins, int64_t scheme, int64_t group_size, int64_t kernel) {
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+                "quant_gemv: x must be a contiguous 2-D float32 tensor");
+    TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous() && scales.is_contiguous() && mins.is_contiguous(),
+                "quant_gemv: the packed weight tensors must be contiguous");
+    int64_t m = x.size(0), n = codes.size(0), k = x.size(1);
+    at::Tensor y = at::empty({m, n}, x.options());
+    int failed = reinterpret_cast<gemv_fn>(kernel)((int)scheme, codes.data_ptr(), scales.data_ptr(),
+        mins.data_ptr(), x.data_ptr<float>(), y.data_ptr<float>(), m, n, k, group_size, at::get_num_threads());
+    TORCH_CHECK_WITH(OutOfMemoryError, !failed, "quant_gemv could not allocate ", m * k, " bytes of activation codes");
+    return y;
+}
+
+TORCH_LIBRARY_IMPL(simplified_slm, CPU, m) { m.impl("quant_gemv", quant_gemv); }
+"""
+
+
+# Registered through the low-level `torch.library.Library` rather than
+# `torch.library.custom_op`, whose Python wrapper layers cost about twice the dispatch.
+# `kernel` is the address of a built library's quant_gemv (internal: `_gemv_address`).
+# No autograd here: `_FrozenWeightMatmul` serves gradients.
 _LIBRARY = torch.library.Library("simplified_slm", "FRAGMENT")
-_LIBRARY.define("quant_matmul(Tensor x, Tensor codes, Tensor scales, Tensor mins, str scheme, int group_size) -> Tensor")
-_LIBRARY.impl("quant_matmul", _matmul, "CPU")
+_LIBRARY.define("quant_gemv(Tensor x, Tensor codes, Tensor scales, Tensor mins, int scheme, int group_size, "
+                "int kernel) -> Tensor")
+_LIBRARY.define("dequantized_matmul(Tensor x, Tensor codes, Tensor scales, Tensor mins, str scheme, "
+                "int group_size) -> Tensor")
+_LIBRARY.impl("dequantized_matmul", _dequantized_matmul, "CPU")
 
 
-@torch.library.register_fake("simplified_slm::quant_matmul")
-def _matmul_shape(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-                  scheme: str, group_size: int) -> torch.Tensor:
+@functools.cache
+def _register_gemv() -> None:
+    """The GEMV op's impl, once: the C++ one where it builds, else `_gemv`."""
+    if not load_torch_ops("quant_ops", _OPS_SOURCE, "SLM_QUANT_NATIVE"):
+        _LIBRARY.impl("quant_gemv", _gemv, "CPU")
+
+
+@torch.library.register_fake("simplified_slm::quant_gemv")
+@torch.library.register_fake("simplified_slm::dequantized_matmul")
+def _matmul_shape(x: torch.Tensor, codes: torch.Tensor, *_: Any) -> torch.Tensor:
     return x.new_empty(x.shape[0], codes.shape[0])
 
 
@@ -531,6 +586,13 @@ def quantized_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
     x2 = x.reshape(-1, k)
     if x.dtype is not torch.float32:  # each skipped no-op call saves a dispatch (~3 us, x 210 per token)
         x2 = x2.to(torch.float32)
-    op = torch.ops.simplified_slm.quant_matmul.default if torch.compiler.is_compiling() else _matmul
-    y = op(x2.contiguous(), codes, scales, mins, scheme, group_size).view(*lead, codes.shape[0])
+    x2 = x2.contiguous()
+    if x2.shape[0] <= SMALL_BATCH:
+        y = torch.ops.simplified_slm.quant_gemv.default(x2, codes, scales, mins, _SCHEME_ID[scheme],
+                                                        group_size or BLOCK, _gemv_address())
+    elif torch.compiler.is_compiling():
+        y = torch.ops.simplified_slm.dequantized_matmul.default(x2, codes, scales, mins, scheme, group_size)
+    else:
+        y = _dequantized_matmul(x2, codes, scales, mins, scheme, group_size)
+    y = y.view(*lead, codes.shape[0])
     return y if x.dtype is torch.float32 else y.to(x.dtype)
