@@ -9,47 +9,14 @@ Models with a bounded context (learned positions) fall back to re-running the la
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Any, Callable, Sequence
 
 import torch
 
 from simplified_slm.errors import SLMError
+from simplified_slm.generation.compiled_step import compiled_step
 from simplified_slm.generation.sampling import choose_next
 from simplified_slm.layers.kv_cache import KVCache, resolve_kv_cache_dtype
-
-# one compiled decode step per model, reused by every generate call (compiling costs
-# about a minute on a 2-core CPU); weak keys so a dropped model frees its graph
-_COMPILED_STEPS: "weakref.WeakKeyDictionary[Any, Callable[..., Any]]" = weakref.WeakKeyDictionary()
-
-
-# Inductor's wrapper re-asserts the size and stride of every graph input on every call (~750
-# per SmolLM2 decode step, one Python call each) although dynamo's guards have just checked
-# them; without these asserts a compiled quantized decode step ran 6% faster (measured in
-# one process against the default, interleaved, same tokens).
-_STEP_OPTIONS = {"size_asserts": False, "alignment_asserts": False, "scalar_asserts": False}
-
-
-def compiled_step(model: Any) -> Callable[..., Any]:
-    """`torch.compile(model)`; after one recompile torch makes the growing cache length a
-    dynamic size, so later steps reuse the graph instead of compiling per token."""
-    step = _COMPILED_STEPS.get(model)
-    if step is None:
-        _make_room_for_another_model()
-        step = _COMPILED_STEPS[model] = torch.compile(model, options=_STEP_OPTIONS)
-    return step
-
-
-GRAPHS_PER_MODEL = 4  # a decode step's graphs: static first, then the dynamic cache length; room to spare
-
-
-def _make_room_for_another_model() -> None:
-    """Dynamo keeps at most `recompile_limit` graphs per code object, and every model of a
-    class shares its `forward`'s code: without room, the fifth or so model compiled in one
-    process (a server, a notebook comparing models) would silently decode in eager mode."""
-    config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, GRAPHS_PER_MODEL * (len(_COMPILED_STEPS) + 1))
-
 
 def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int = 0,
              device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
