@@ -25,7 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -88,6 +88,17 @@ def _build(cc: str, name: str, source: str, flag_sets: Sequence[Sequence[str]], 
         raise OSError(f"{cc} failed: {errors}")
 
 
+def _enabled_compiler(disable_env: str, find: Callable[[], str | None], missing: str) -> str | None:
+    """The compiler to build with, or None: `disable_env`=0, Windows, or none found (then
+    `missing` is logged)."""
+    if os.environ.get(disable_env, "1") == "0" or sys.platform == "win32":
+        return None
+    found = find()
+    if found is None:
+        logger.warning(missing)
+    return found
+
+
 def load_library(name: str, source: str, flag_sets: Sequence[Sequence[str]], disable_env: str) -> ctypes.CDLL | None:
     """The built library `name`, or None (logged once by the caller's cache) when it cannot be
     had here: `disable_env`=0, Windows, no compiler, or every flag set failing.
@@ -95,11 +106,9 @@ def load_library(name: str, source: str, flag_sets: Sequence[Sequence[str]], dis
     `flag_sets` are tried in order (e.g. with OpenMP and -march=native first, a plain
     build last), so a compiler lacking an option still gives a working, slower kernel.
     """
-    if os.environ.get(disable_env, "1") == "0" or sys.platform == "win32":
-        return None
-    cc = compiler()
+    cc = _enabled_compiler(disable_env, compiler,
+                           f"no C compiler found: the {name} kernel falls back to PyTorch (slower); install cc or gcc")
     if cc is None:
-        logger.warning("no C compiler found: the %s kernel falls back to PyTorch (slower); install cc or gcc", name)
         return None
     try:
         native = any("-march=native" in flags for flags in flag_sets)
@@ -114,11 +123,9 @@ def load_torch_ops(name: str, source: str, disable_env: str) -> bool:
     """Build the C++ `source` (TORCH_LIBRARY_IMPL registrations) against this torch and load
     it into the dispatcher; False (logged) when it cannot be had here, so the caller
     registers its Python implementation instead."""
-    if os.environ.get(disable_env, "1") == "0" or sys.platform == "win32":
-        return False
-    cxx = cxx_compiler()
+    cxx = _enabled_compiler(disable_env, cxx_compiler,
+                            f"no C++ compiler found: the {name} ops dispatch through Python (slower); install c++ or g++")
     if cxx is None:
-        logger.warning("no C++ compiler found: the %s ops dispatch through Python (slower); install c++ or g++", name)
         return False
     import torch
     import torch.utils.cpp_extension
