@@ -3,7 +3,7 @@
 Dynamo guards a compiled function on everything it read: for a model, the type, hooks,
 attributes, and every parameter's dtype, shape and strides, ~7800 guards for SmolLM2-135M.
 They are checked before every step. A decode step streams the weights through the
-caches just before, so the guards read cold memory: ~1.2 ms of a quantized SmolLM2 token
+caches just before, so the guards read cold memory: 1.3-1.5 ms of a quantized SmolLM2 token
 (~10 ms), measured with dynamo's own guard manager right after a step.
 
 So the step keeps dynamo's guards on its inputs (the token, mask and KV cache) and on
